@@ -61,6 +61,7 @@ CHUNK = 64  # steps per chunk of the two-level scan
 def _chunked_scan(a, b, h0, chunk=CHUNK):
     "h_t = a_t*h_{t-1} + b_t in linear space: a loop inside chunks (unrolled), a loop across chunks, a correction."
     B, T, D = tf.shape(b)[0], tf.shape(b)[1], tf.shape(b)[2]
+    if b.shape[1] is not None: chunk = max(1, min(chunk, b.shape[1]))   # short sequences: no padding to a whole chunk
     n = (T + chunk - 1) // chunk
     pad = [[0, 0], [0, n*chunk - T], [0, 0]]
     a4 = tf.reshape(tf.pad(a, pad, constant_values=1), [B, n, chunk, D])

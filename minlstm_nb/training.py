@@ -14,7 +14,7 @@ import tensorflow as tf
 import keras
 from fastcore.basics import patch
 from fastcore.script import call_parse, store_true
-from .tokenize import Tokenizer, sample_text, read_text
+from .tokenize import Tokenizer, sample_text, read_text, atomic_write
 from .window import make_windows, split_windows
 from .cell import MinGRU, MinLSTM
 
@@ -276,20 +276,13 @@ def save(self:LanguageModel, path:str|os.PathLike)->Path:
     if not path.parent.is_dir(): raise FileNotFoundError(f'cannot save to {str(path)!r}: directory {str(path.parent)!r} does not exist')
     meta = dict(format=_LM_FORMAT, version=1, seq_length=self.seq_length, config=self.config,
                 history={k: [float(v) for v in vs] for k, vs in self.history.history.items()})
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent); os.close(fd)
-    try:
-        with tempfile.TemporaryDirectory() as d:
-            self.model.save(Path(d)/'model.keras')
-            self.tokenizer.save(Path(d)/'tokenizer.json')
-            with zipfile.ZipFile(tmp, 'w') as z:
-                z.writestr('meta.json', json.dumps(meta, indent=1))
-                z.write(Path(d)/'tokenizer.json', 'tokenizer.json', compress_type=zipfile.ZIP_DEFLATED)
-                z.write(Path(d)/'model.keras', 'model.keras')
-        with open(tmp, 'rb+') as f: os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
+    with atomic_write(path) as tmp, tempfile.TemporaryDirectory() as d:
+        self.model.save(Path(d)/'model.keras')
+        self.tokenizer.save(Path(d)/'tokenizer.json')
+        with zipfile.ZipFile(tmp, 'w') as z:
+            z.writestr('meta.json', json.dumps(meta, indent=1))
+            z.write(Path(d)/'tokenizer.json', 'tokenizer.json', compress_type=zipfile.ZIP_DEFLATED)
+            z.write(Path(d)/'model.keras', 'model.keras')
     return path
 
 @patch(cls_method=True)

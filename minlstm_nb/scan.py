@@ -7,7 +7,7 @@ __all__ = ['CHUNK', 'KERNEL_SOURCE', 'CXXFLAGS', 'sequential_scan', 'log_space_s
            'linear_recurrence', 'parallel_scan']
 
 # %% ../nbs/02_scan.ipynb #483a038a
-import hashlib, os, platform, subprocess, warnings
+import hashlib, os, platform, subprocess, threading, warnings
 from pathlib import Path
 import tensorflow as tf
 
@@ -148,10 +148,11 @@ REGISTER_KERNEL_BUILDER(Name("MinlstmLinearScan").Device(DEVICE_CPU).TypeConstra
 REGISTER_KERNEL_BUILDER(Name("MinlstmLinearScan").Device(DEVICE_CPU).TypeConstraint<double>("T"), LinearScanOp<double>);
 '''
 
-_LOADED = {}   # kernel name -> loaded op module, or None when it cannot be had
+_LOADED, _LOCK = {}, threading.Lock()   # kernel name -> loaded op module, or None when it cannot be had
 
 def _cpu_signature():
-    try: return next((l for l in open('/proc/cpuinfo') if l.startswith('flags')), '')
+    try:
+        with open('/proc/cpuinfo') as f: return next((l for l in f if l.startswith('flags')), '')
     except OSError: return platform.processor()
 
 CXXFLAGS = ['-shared', '-fPIC', '-O3', '-march=native', '-ffast-math', '-mrecip', '-w']
@@ -160,7 +161,11 @@ def load_kernel(name:str,    # a name for the cached library
                 source:str,  # C++ source of TensorFlow custom ops
                ):            # the loaded op module, or None (with a warning) if it cannot be built here
     "Compile `source` with the machine's C++ compiler on first use, cache it, and load it as TensorFlow ops."
-    if name in _LOADED: return _LOADED[name]
+    with _LOCK:                                   # one build per kernel, however many threads ask at once
+        if name not in _LOADED: _LOADED[name] = _build(name, source)
+    return _LOADED[name]
+
+def _build(name, source):
     mod = None
     if os.environ.get('MINLSTM_NB_KERNEL', '1') != '0':
         try:
@@ -170,16 +175,18 @@ def load_kernel(name:str,    # a name for the cached library
             so = cache/f'{name}_{key}.so'
             if not so.exists():
                 cache.mkdir(parents=True, exist_ok=True)
-                src, tmp = cache/f'{name}_{key}.cc', cache/f'.{name}_{key}.{os.getpid()}.so'
+                src, tmp = (cache/f'.{name}_{key}.{os.getpid()}{ext}' for ext in ('.cc', '.so'))   # this process's own files
                 src.write_text(source)
                 cmd = [os.environ.get('CXX', 'g++'), *CXXFLAGS, str(src), '-o', str(tmp), *flags]
-                r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-                if r.returncode: raise RuntimeError(f'{cmd[0]} failed: {r.stderr.strip()[-500:]}')
-                os.replace(tmp, so)                                  # atomic: a concurrent build never sees half a file
+                try:
+                    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+                    if r.returncode: raise RuntimeError(f'{cmd[0]} failed: {r.stderr.strip()[-500:]}')
+                    os.replace(tmp, so)                              # atomic: a concurrent build never sees half a file
+                finally:
+                    for p in (src, tmp): p.unlink(missing_ok=True)
             mod = tf.load_op_library(str(so))
         except Exception as e:
             warnings.warn(f'minlstm_nb: the compiled kernel {name!r} is unavailable ({e}); falling back to pure TensorFlow')
-    _LOADED[name] = mod
     return mod
 
 def _kernel():

@@ -7,11 +7,11 @@ __all__ = ['GATE_SCAN_SOURCE', 'g', 'log_g', 'mingru_gates', 'minlstm_gates', 'M
            'MinGRU', 'MinLSTM']
 
 # %% ../nbs/03_cell.ipynb #01ae3679
-import math, time
+import math
 import numpy as np
 import tensorflow as tf
 import keras
-from .scan import parallel_scan, sequential_scan, linear_recurrence, load_kernel
+from .scan import sequential_scan, linear_recurrence, load_kernel
 
 # %% ../nbs/03_cell.ipynb #adf93e50
 def g(x):
@@ -127,9 +127,9 @@ def min_rnn_scan(ks,          # pre-activations: [k_f, k_i, k_h] (minLSTM) or [k
         *ks_, h0_ = args
         a, b, d = _coefficients(ks_, lstm)
         if m is not None: a, b = tf.where(m, a, tf.ones_like(a)), tf.where(m, b, tf.zeros_like(b))
-        h = linear_recurrence(a, b, h0_, backend='tf' if backend == 'tf' else None)
+        h = linear_recurrence(a, b, h0_, backend=backend)       # None or 'tf' here
         def grad(dh):
-            gs = linear_recurrence(a, dh, h0_, reverse=True, backend='tf' if backend == 'tf' else None)   # dL/dh_t, all paths
+            gs = linear_recurrence(a, dh, h0_, reverse=True, backend=backend)   # dL/dh_t, all paths
             da, db = gs*tf.concat([h0_[:, None], h[:, :-1]], 1), gs
             if m is not None: da, db = tf.where(m, da, tf.zeros_like(da)), tf.where(m, db, tf.zeros_like(db))
             return (*_coefficient_grads(ks_, d, lstm, da, db), gs[:, 0]*a[:, 0])

@@ -12,9 +12,8 @@ import tensorflow as tf
 import keras
 from fastcore.basics import patch
 from fastcore.script import call_parse, Param
-from .tokenize import sample_text
 from .cell import MinGRU, MinLSTM
-from .training import LanguageModel, ResidualBlock, fit_language_model, initial_states, rnn_step
+from .training import LanguageModel, ResidualBlock, initial_states, rnn_step
 
 # %% ../nbs/05_prediction.ipynb #116d10db
 def _prompt_ids(lm, text, unknown=None):

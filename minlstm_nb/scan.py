@@ -206,7 +206,7 @@ def linear_recurrence(a, b, h0,              # (batch, time, features), same; h0
     if backend == 'kernel' and k is None: raise RuntimeError('the compiled scan kernel is not available on this machine')
     if k is not None: return k(a, b, tf.cast(h0, b.dtype), reverse=reverse)
     if not reverse: return _chunked_scan(a, b, h0)
-    a_next = tf.concat([a[:, 1:], tf.zeros_like(a[:, :1])], 1)       # a_{t+1}; h0 enters through the last step's zero
+    a_next = tf.concat([a[:, 1:], tf.zeros_like(a[:, :1])], 1)       # a_{t+1}, 0 past the end; h0 is unused in reverse
     return tf.reverse(_chunked_scan(tf.reverse(a_next, [1]), tf.reverse(b, [1]), tf.zeros_like(h0)), [1])
 
 

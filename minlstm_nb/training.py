@@ -7,7 +7,7 @@ __all__ = ['CELLS', 'MODEL_FILE', 'ResidualBlock', 'initial_states', 'rnn_step',
            'fit_language_model', 'train_main', 'minlstm_train']
 
 # %% ../nbs/04_training.ipynb #45f3c153
-import csv, json, math, os, re, shutil, sys, tempfile, time, zipfile
+import csv, json, math, os, re, sys, tempfile, time, zipfile
 from pathlib import Path
 import numpy as np
 import tensorflow as tf

@@ -109,8 +109,6 @@ def minlstm_data(file:str=None,          # a UTF-8 text file (default: the built
         sys.exit(2)
 
 # %% ../nbs/08_scale.ipynb #b992602c
-_TF_ERRORS = ('strict', 'replace', 'ignore')
-
 def _lookup(tokenizer):
     "Token strings -> tokenizer ids with Keras' StringLookup; unknown tokens -> 0 (no oov_token) or the oov id 1."
     import keras
@@ -167,9 +165,9 @@ def stream_windows(files,                 # anything `tokenize.text_files` takes
                   ):                      # tf.data.Dataset of (X (seq_length,), y) int32 windows
     "Every (window, next token) pair of the files, streamed: no file is ever held in memory."
     import tensorflow as tf
-    from minlstm_nb.tokenize import text_files
+    from minlstm_nb.tokenize import text_files, _check_errors
     _check_seq_length(seq_length)
-    if errors not in _TF_ERRORS: raise ValueError(f'errors must be one of {_TF_ERRORS}, not {errors!r}')
+    _check_errors(errors)
     if unknown not in ('error', 'drop'): raise ValueError(f'unknown must be "error" or "drop", not {unknown!r}')
     if not tokenizer.word_index: raise ValueError('the tokenizer is not fitted: call .fit(read_lines(files)) first')
     files = [str(f) for f in text_files(files)]

@@ -102,25 +102,30 @@ def min_rnn_scan(ks,          # pre-activations: [k_f, k_i, k_h] (minLSTM) or [k
                  h0=None,     # initial state (batch, units); default zeros
                  mask=None,   # (batch, time) booleans: a masked step keeps the state
                  backend=None,# "kernel" (one compiled sweep each way), "tf" (TensorFlow ops); default: the kernel if available
+                 biases=None, # biases added to `ks`, one (units,) vector each (the kernel adds them in its sweep)
                 ):            # h for every step
     "The states of minLSTM or minGRU from their pre-activations, in parallel: gates, scan and gradient fused."
     if backend not in (None, 'kernel', 'tf'): raise ValueError(f'backend must be "kernel", "tf" or None, not {backend!r}')
     if len(ks) not in (2, 3): raise ValueError(f'ks must hold 3 (minLSTM) or 2 (minGRU) pre-activations, got {len(ks)}')
-    lstm = len(ks) == 3
+    if biases is not None and len(biases) != len(ks): raise ValueError(f'biases must hold one vector per pre-activation ({len(ks)}), got {len(biases)}')
+    lstm, n = len(ks) == 3, len(ks)
+    ks = [tf.convert_to_tensor(k) for k in ks]
     h0 = tf.zeros_like(ks[0][:, 0]) if h0 is None else tf.cast(h0, ks[0].dtype)
     ops = _gate_scan_ops() if backend != 'tf' else None
     if backend == 'kernel' and ops is None: raise RuntimeError('the compiled gate-and-scan kernel is not available here')
     if ops is not None:
+        bs = [tf.zeros(tf.shape(k)[-1:], k.dtype) for k in ks] if biases is None else [tf.cast(b, ks[0].dtype) for b in biases]
         m = tf.zeros([0], ks[0].dtype) if mask is None else tf.cast(mask, ks[0].dtype)
         @tf.custom_gradient
         def fused(*args):
-            *ks_, h0_ = args
-            h = ops.minlstm_gate_scan(ks_, h0_, m)
+            ks_, bs_, h0_ = args[:n], args[n:2*n], args[2*n]
+            h = ops.minlstm_gate_scan(ks_, bs_, h0_, m)
             def grad(dh):
-                *dks, dh0 = ops.minlstm_gate_scan_grad(ks_, h0_, m, h, dh)
-                return (*dks, dh0)
+                dks, dbs, dh0 = ops.minlstm_gate_scan_grad(ks_, bs_, h0_, m, h, dh)
+                return (*dks, *dbs, dh0)
             return h, grad
-        return fused(*ks, h0)
+        return fused(*ks, *bs, h0)
+    if biases is not None: ks = [k + tf.cast(b, k.dtype) for k, b in zip(ks, biases)]
     m = None if mask is None else tf.cast(mask, tf.bool)[:, :, None]
     @tf.custom_gradient
     def run(*args):
@@ -139,10 +144,18 @@ def min_rnn_scan(ks,          # pre-activations: [k_f, k_i, k_h] (minLSTM) or [k
 # %% ../nbs/03_cell.ipynb #d27e43ca
 GATE_SCAN_SOURCE = r'''
 // minGRU / minLSTM gates and scan fused (parallel mode), forward and backward, one sweep over time each.
-// ks: N = 2 ([k_z, k_h], minGRU) or N = 3 ([k_f, k_i, k_h], minLSTM) pre-activations, (batch, time, units).
+// ks: N = 2 ([k_z, k_h], minGRU) or N = 3 ([k_f, k_i, k_h], minLSTM) projections without their biases,
+// (batch, time, units); biases: the N biases, (units,), added here rather than in a pass of their own.
 // mask: (batch, time) of 1/0, or an empty tensor for none. A masked step keeps the state (a = 1, b = 0).
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <algorithm>
+#include <type_traits>
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -151,55 +164,61 @@ using namespace tensorflow;
 
 REGISTER_OP("MinlstmGateScan")
     .Attr("T: {float, double}").Attr("N: int >= 2")
-    .Input("ks: N * T").Input("h0: T").Input("mask: T").Output("h: T")
+    .Input("ks: N * T").Input("biases: N * T").Input("h0: T").Input("mask: T").Output("h: T")
     .SetShapeFn([](shape_inference::InferenceContext* c) { c->set_output(0, c->input(0)); return absl::OkStatus(); });
 REGISTER_OP("MinlstmGateScanGrad")
     .Attr("T: {float, double}").Attr("N: int >= 2")
-    .Input("ks: N * T").Input("h0: T").Input("mask: T").Input("h: T").Input("dh: T")
-    .Output("dks: N * T").Output("dh0: T")
+    .Input("ks: N * T").Input("biases: N * T").Input("h0: T").Input("mask: T").Input("h: T").Input("dh: T")
+    .Output("dks: N * T").Output("dbiases: N * T").Output("dh0: T")
     .SetShapeFn([](shape_inference::InferenceContext* c) {
       int n; TF_RETURN_IF_ERROR(c->GetAttr("N", &n));
-      for (int i = 0; i < n; ++i) c->set_output(i, c->input(i));
-      c->set_output(n, c->input(n)); return absl::OkStatus(); });
+      for (int i = 0; i < 2 * n; ++i) c->set_output(i, c->input(i));
+      c->set_output(2 * n, c->input(2 * n)); return absl::OkStatus(); });
 
-constexpr int64_t W = 16;   // features per block: one cache line of floats, one AVX-512 vector
-
-// a = normalised forget gate (or 1 - z), ip = normalised input gate (or z), gh = g(k_h), gp = g'(k_h),
-// sf = sigmoid(-k_f) and si = sigmoid(-k_i) (minLSTM, for the gradient). No exponential has a positive argument:
-// nothing overflows, and gates saturate correctly however large the pre-activations.
-template <typename T>
-inline void sig_pair(T x, T& s_pos, T& s_neg) {        // sigmoid(x), sigmoid(-x)
-  const T e = std::exp(-std::abs(x)), r = T(1) / (T(1) + e);
-  s_pos = x >= T(0) ? r : e * r; s_neg = x >= T(0) ? e * r : r;
+// e^x for x <= 0, inlined so that the compiler vectorises the loops that call it (a call to the maths library per
+// vector costs more than the arithmetic). float: x = n ln2 + r with |r| <= ln2/2, e^r by its Taylor series to r^7
+// (remainder below 6e-9, under float's 6e-8 rounding step), times 2^n built in the exponent bits; below -87.3 the
+// result would be subnormal, and 0 is returned. double: the maths library.
+inline float nexp(float x) {
+  const float n = std::floor(x * 1.44269504f + 0.5f);
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;       // ln2 in two parts: n * 0.693359375f is exact
+  float p = 1.f / 5040.f;
+  p = p * r + 1.f / 720.f; p = p * r + 1.f / 120.f; p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f; p = p * r + 0.5f; p = p * r + 1.f; p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(std::max(n, -126.f)) + 127) << 23;
+  float s; std::memcpy(&s, &bits, sizeof s);
+  return x < -87.3f ? 0.f : p * s;
 }
+inline double nexp(double x) { return std::exp(x); }
+
+// The gates of one step from the pre-activations, each exponential of a non-positive number (nothing overflows).
+// a = normalised forget gate (or 1 - z), ip = normalised input gate (or z), gh = g(k_h), gp = g'(k_h);
+// sf = sigmoid(-k_f), si = sigmoid(-k_i) (minLSTM; the gradient needs them).
+// minLSTM: with t_f = e^-|k_f|, sigmoid(k_f) = n_f / (1 + t_f), n_f = e^min(k_f, 0), and likewise for k_i, so
+// f' = f / (f + i) = P / (P + Q), P = (1 + t_i) n_f, Q = (1 + t_f) n_i; dividing P and Q by the larger of n_f, n_i
+// leaves e^-|q|, q = min(k_i, 0) - min(k_f, 0), in place of the smaller: right even when both gates are below e^-80.
 template <typename T, bool LSTM>
 inline void gates(T k0, T k1, T kh, T& a, T& ip, T& gh, T& gp, T& sf, T& si) {
-  T sp, sn;
   if (LSTM) {
-    // f / (f + i) = (1 + e^-ki) / (2 + e^-kf + e^-ki); every term is scaled by e^-M, M = max(-kf, -ki, 0), so no
-    // exponent is positive: nothing overflows, and the ratio stays right when both gates are far below e^-80.
-    const T M = std::max(std::max(-k0, -k1), T(0));
-    const T e0 = std::exp(-M), ef = std::exp(-k0 - M), ei = std::exp(-k1 - M);
-    const T rden = T(1) / (T(2) * e0 + ef + ei);
-    a = (e0 + ei) * rden; ip = (e0 + ef) * rden;
-    sig_pair(k0, sp, sf); sig_pair(k1, sp, si);        // only the gradient uses these
+    const T tf = nexp(-std::abs(k0)), ti = nexp(-std::abs(k1));
+    const T q = std::min(k1, T(0)) - std::min(k0, T(0)), eq = nexp(-std::abs(q));
+    const T P = (T(1) + ti) * (q >= T(0) ? eq : T(1)), Q = (T(1) + tf) * (q >= T(0) ? T(1) : eq);
+    const T rden = T(1) / (P + Q);
+    a = P * rden; ip = Q * rden;
+    const T rf = T(1) / (T(1) + tf), ri = T(1) / (T(1) + ti);          // only the gradient uses these
+    sf = k0 >= T(0) ? tf * rf : rf; si = k1 >= T(0) ? ti * ri : ri;
   } else {
-    sig_pair(k0, ip, a); sf = si = T(0);
+    const T t = nexp(-std::abs(k0)), r = T(1) / (T(1) + t);
+    ip = k0 >= T(0) ? r : t * r; a = k0 >= T(0) ? t * r : r; sf = si = T(0);
   }
-  sig_pair(kh, sp, sn);
+  const T th = nexp(-std::abs(kh)), rh = T(1) / (T(1) + th);
+  const T sp = kh >= T(0) ? rh : th * rh;                                  // sigmoid(k_h)
   gh = kh >= T(0) ? kh + T(0.5) : sp;
-  gp = kh >= T(0) ? T(1) : sp * sn;
+  gp = kh >= T(0) ? T(1) : sp * (T(1) - sp);
 }
 
 template <typename T>
-struct Dims {
-  int64_t B, L, D, nblk; bool masked;
-  Dims(const Tensor& k, const Tensor& m) : B(k.dim_size(0)), L(k.dim_size(1)), D(k.dim_size(2)), nblk((k.dim_size(2) + W - 1) / W),
-                                           masked(m.NumElements() > 0) {}
-};
-
-template <typename T>
-static Status check(OpKernelContext* ctx, const OpInputList& ks, const Tensor& h0, const Tensor& m) {
+static Status check(const OpInputList& ks, const Tensor& h0, const Tensor& m) {
   if (ks.size() != 2 && ks.size() != 3) return absl::InvalidArgumentError("ks must hold 2 (minGRU) or 3 (minLSTM) tensors");
   for (int i = 0; i < ks.size(); ++i)
     if (ks[i].dims() != 3 || ks[i].shape() != ks[0].shape()) return absl::InvalidArgumentError("pre-activations must be 3-D and of one shape");
@@ -210,47 +229,137 @@ static Status check(OpKernelContext* ctx, const OpInputList& ks, const Tensor& h
   return absl::OkStatus();
 }
 
+// The work: B rows of the batch times blocks of features; each block is swept through time with its state in
+// registers. Blocks are 64 features wide (four AVX-512 vectors, whose exponentials overlap) when there are enough of
+// them to keep every thread busy, else 16; the width is a compile-time constant so the inner loop has no remainder.
+// The backward sweep writes its three outputs with non-temporal stores where it can (float, AVX-512, aligned): they
+// go straight to memory instead of first reading each line into the cache, about a quarter of its memory traffic.
+template <typename T>
+struct Sweep {
+  const T *k0, *k1, *kh, *b0, *b1, *bh, *h0, *mask, *h, *dh;   // inputs (h, dh: backward only)
+  T *out0, *out1, *outh, *dh0;       // forward: outh = h; backward: dk0, dk1, dkh and dh0
+  double* db;                        // backward: per row of the batch, the bias gradients (B, 3, D)
+  int64_t B, L, D;
+  bool stream;                       // outputs written with non-temporal stores (float, AVX-512, aligned)
+
+  template <int W>
+  inline void store(T* dst, const T* src) const {
+#if defined(__AVX512F__)
+    if (std::is_same<T, float>::value && W % 16 == 0 && stream) {
+      for (int v = 0; v < W; v += 16) _mm512_stream_ps(reinterpret_cast<float*>(dst) + v, _mm512_loadu_ps(reinterpret_cast<const float*>(src) + v));
+      return;
+    }
+#endif
+    for (int d = 0; d < W; ++d) dst[d] = src[d];
+  }
+
+  template <bool LSTM, int W>
+  void forward(int64_t r, int64_t d0) const {
+    T s[W], c0[W], c1[W], ch[W];
+    for (int d = 0; d < W; ++d) { s[d] = h0[r * D + d0 + d]; c0[d] = b0[d0 + d]; c1[d] = b1[d0 + d]; ch[d] = bh[d0 + d]; }
+    for (int64_t t = 0; t < L; ++t) {
+      const int64_t off = (r * L + t) * D + d0;
+      if (mask && mask[r * L + t] == T(0)) { for (int d = 0; d < W; ++d) outh[off + d] = s[d]; continue; }
+#pragma GCC ivdep
+      for (int d = 0; d < W; ++d) {
+        T a, ip, gh, gp, sf, si; gates<T, LSTM>(k0[off + d] + c0[d], k1[off + d] + c1[d], kh[off + d] + ch[d], a, ip, gh, gp, sf, si);
+        s[d] = a * s[d] + ip * gh;
+      }
+      for (int d = 0; d < W; ++d) outh[off + d] = s[d];
+    }
+  }
+
+  template <bool LSTM, int W>
+  void backward(int64_t r, int64_t d0) const {
+    T g[W], an[W], c0[W], c1[W], ch[W], o0[W], o1[W], oh[W];   // g: dL/dh_{t+1} through every path; an: a_{t+1}
+    T s0[W], s1[W], sh[W]; double S0[W], S1[W], Sh[W];          // bias gradients: float within 64 steps, then double
+    for (int d = 0; d < W; ++d) {
+      g[d] = an[d] = s0[d] = s1[d] = sh[d] = T(0); S0[d] = S1[d] = Sh[d] = 0.;
+      c0[d] = b0[d0 + d]; c1[d] = b1[d0 + d]; ch[d] = bh[d0 + d];
+    }
+    for (int64_t t = L - 1; t >= 0; --t) {
+      const int64_t off = (r * L + t) * D + d0;
+      const T* hp = t > 0 ? h + off - D : h0 + r * D + d0;
+      if (mask && mask[r * L + t] == T(0)) {
+        for (int d = 0; d < W; ++d) { g[d] = dh[off + d] + an[d] * g[d]; an[d] = T(1); o0[d] = o1[d] = oh[d] = T(0); }
+      } else {
+#pragma GCC ivdep
+        for (int d = 0; d < W; ++d) {
+          T a, ip, gh, gp, sf, si; gates<T, LSTM>(k0[off + d] + c0[d], k1[off + d] + c1[d], kh[off + d] + ch[d], a, ip, gh, gp, sf, si);
+          const T gt = dh[off + d] + an[d] * g[d];
+          const T dd = a * ip * gt * (gh - hp[d]);
+          o0[d] = LSTM ? -dd * sf : dd; o1[d] = dd * si; oh[d] = gt * ip * gp;
+          s0[d] += o0[d]; s1[d] += o1[d]; sh[d] += oh[d];
+          g[d] = gt; an[d] = a;
+        }
+      }
+      store<W>(out0 + off, o0); store<W>(outh + off, oh); if (LSTM) store<W>(out1 + off, o1);
+      if ((t & 63) == 0)
+        for (int d = 0; d < W; ++d) { S0[d] += s0[d]; S1[d] += s1[d]; Sh[d] += sh[d]; s0[d] = s1[d] = sh[d] = T(0); }
+    }
+    for (int d = 0; d < W; ++d) {
+      dh0[r * D + d0 + d] = an[d] * g[d];
+      db[(r * 3 + 0) * D + d0 + d] = S0[d]; db[(r * 3 + 1) * D + d0 + d] = S1[d]; db[(r * 3 + 2) * D + d0 + d] = Sh[d];
+    }
+  }
+
+  // Run the forward or the backward sweep over every (row, block), sharded over TensorFlow's CPU threads.
+  template <bool BWD>
+  void run(OpKernelContext* ctx, bool lstm) const {
+    auto* pool = ctx->device()->tensorflow_cpu_worker_threads();
+    const int64_t wide = (D / 64) * B >= 2 * pool->num_threads ? 64 : 16;
+    const int64_t full = D / wide, nblk = full + (D % wide ? (D % wide + 15) / 16 : 0);
+    auto work = [&, this](int64_t start, int64_t end) {
+      for (int64_t u = start; u < end; ++u) {
+        const int64_t r = u / nblk, b = u % nblk;
+        if (b < full) {
+          const int64_t d0 = b * wide;
+          if (wide == 64) dispatch<BWD, 64>(lstm, r, d0); else dispatch<BWD, 16>(lstm, r, d0);
+        } else {                                   // the last D % wide features: blocks of 16, then the remainder
+          const int64_t d0 = full * wide + (b - full) * 16;
+          if (D - d0 >= 16) dispatch<BWD, 16>(lstm, r, d0);
+          else switch (D - d0) {
+#define C(w) case w: dispatch<BWD, w>(lstm, r, d0); break;
+            C(1) C(2) C(3) C(4) C(5) C(6) C(7) C(8) C(9) C(10) C(11) C(12) C(13) C(14) C(15)
+#undef C
+          }
+        }
+      }
+#if defined(__AVX512F__)
+      if (stream) _mm_sfence();
+#endif
+    };
+    Shard(pool->num_threads, pool->workers, B * nblk, L * wide * (BWD ? 40 : 25), work);
+  }
+  template <bool BWD, int W>
+  void dispatch(bool lstm, int64_t r, int64_t d0) const {
+    if (BWD) { if (lstm) backward<true, W>(r, d0); else backward<false, W>(r, d0); }
+    else { if (lstm) forward<true, W>(r, d0); else forward<false, W>(r, d0); }
+  }
+};
+
+template <typename T>
+static Status check_biases(const OpInputList& ks, const OpInputList& bs) {
+  for (int i = 0; i < bs.size(); ++i)
+    if (bs[i].dims() != 1 || bs[i].dim_size(0) != ks[0].dim_size(2)) return absl::InvalidArgumentError("biases must be (units,)");
+  return absl::OkStatus();
+}
+
 template <typename T>
 class GateScanOp : public OpKernel {
  public:
   explicit GateScanOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
   void Compute(OpKernelContext* ctx) override {
-    OpInputList ks; OP_REQUIRES_OK(ctx, ctx->input_list("ks", &ks));
-    const Tensor &h0 = ctx->input(ks.size()), &m = ctx->input(ks.size() + 1);
-    OP_REQUIRES_OK(ctx, check<T>(ctx, ks, h0, m));
+    OpInputList ks, bs; OP_REQUIRES_OK(ctx, ctx->input_list("ks", &ks)); OP_REQUIRES_OK(ctx, ctx->input_list("biases", &bs));
+    const int n = ks.size();
+    const Tensor &h0 = ctx->input(2 * n), &m = ctx->input(2 * n + 1);
+    OP_REQUIRES_OK(ctx, check<T>(ks, h0, m)); OP_REQUIRES_OK(ctx, check_biases<T>(ks, bs));
     Tensor* out = nullptr; OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ks[0].shape(), &out));
-    const Dims<T> z(ks[0], m);
-    if (z.B * z.L * z.D == 0) return;
-    const bool lstm = ks.size() == 3;
-    const T *k0 = ks[0].flat<T>().data(), *k1 = ks[1].flat<T>().data(), *kh = ks[ks.size() - 1].flat<T>().data();
-    const T *p0 = h0.flat<T>().data(), *pm = z.masked ? m.flat<T>().data() : nullptr;
-    T* ph = out->flat<T>().data();
-    auto work = [&](int64_t start, int64_t end) {
-      for (int64_t u = start; u < end; ++u) {
-        const int64_t r = u / z.nblk, d0 = (u % z.nblk) * W, w = std::min(W, z.D - d0), base = r * z.L * z.D + d0;
-        T h[W];
-        for (int64_t d = 0; d < w; ++d) h[d] = p0[r * z.D + d0 + d];
-        for (int64_t t = 0; t < z.L; ++t) {
-          const int64_t off = base + t * z.D;
-          if (pm && pm[r * z.L + t] == T(0)) { for (int64_t d = 0; d < w; ++d) ph[off + d] = h[d]; continue; }
-          if (lstm) {
-#pragma GCC ivdep
-            for (int64_t d = 0; d < w; ++d) {
-              T a, ip, gh, gp, sf, si; gates<T, true>(k0[off + d], k1[off + d], kh[off + d], a, ip, gh, gp, sf, si);
-              h[d] = a * h[d] + ip * gh; ph[off + d] = h[d];
-            }
-          } else {
-#pragma GCC ivdep
-            for (int64_t d = 0; d < w; ++d) {
-              T a, ip, gh, gp, sf, si; gates<T, false>(k0[off + d], k0[off + d], kh[off + d], a, ip, gh, gp, sf, si);
-              h[d] = a * h[d] + ip * gh; ph[off + d] = h[d];
-            }
-          }
-        }
-      }
-    };
-    auto* pool = ctx->device()->tensorflow_cpu_worker_threads();
-    Shard(pool->num_threads, pool->workers, z.B * z.nblk, z.L * W * 60, work);
+    Sweep<T> s{ks[0].flat<T>().data(), ks[1].flat<T>().data(), ks[n - 1].flat<T>().data(),
+               bs[0].flat<T>().data(), bs[1].flat<T>().data(), bs[n - 1].flat<T>().data(), h0.flat<T>().data(),
+               m.NumElements() > 0 ? m.flat<T>().data() : nullptr, nullptr, nullptr,
+               nullptr, nullptr, out->flat<T>().data(), nullptr, nullptr, ks[0].dim_size(0), ks[0].dim_size(1), ks[0].dim_size(2), false};
+    if (s.B * s.L * s.D > 0) s.template run<false>(ctx, n == 3);
   }
 };
 
@@ -259,61 +368,33 @@ class GateScanGradOp : public OpKernel {
  public:
   explicit GateScanGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
   void Compute(OpKernelContext* ctx) override {
-    OpInputList ks; OP_REQUIRES_OK(ctx, ctx->input_list("ks", &ks));
+    OpInputList ks, bs; OP_REQUIRES_OK(ctx, ctx->input_list("ks", &ks)); OP_REQUIRES_OK(ctx, ctx->input_list("biases", &bs));
     const int n = ks.size();
-    const Tensor &h0 = ctx->input(n), &m = ctx->input(n + 1), &hs = ctx->input(n + 2), &dh = ctx->input(n + 3);
-    OP_REQUIRES_OK(ctx, check<T>(ctx, ks, h0, m));
+    const Tensor &h0 = ctx->input(2 * n), &m = ctx->input(2 * n + 1), &hs = ctx->input(2 * n + 2), &dh = ctx->input(2 * n + 3);
+    OP_REQUIRES_OK(ctx, check<T>(ks, h0, m)); OP_REQUIRES_OK(ctx, check_biases<T>(ks, bs));
     OP_REQUIRES(ctx, hs.shape() == ks[0].shape() && dh.shape() == ks[0].shape(), absl::InvalidArgumentError("h and dh must be shaped like ks"));
-    OpOutputList dks; OP_REQUIRES_OK(ctx, ctx->output_list("dks", &dks));
-    T* pd[3] = {nullptr, nullptr, nullptr};
-    for (int i = 0; i < n; ++i) { Tensor* t = nullptr; OP_REQUIRES_OK(ctx, dks.allocate(i, ks[0].shape(), &t)); pd[i] = t->flat<T>().data(); }
-    Tensor* dh0t = nullptr; OP_REQUIRES_OK(ctx, ctx->allocate_output(n, h0.shape(), &dh0t));
-    const Dims<T> z(ks[0], m);
+    OpOutputList dks, dbs; OP_REQUIRES_OK(ctx, ctx->output_list("dks", &dks)); OP_REQUIRES_OK(ctx, ctx->output_list("dbiases", &dbs));
+    T *pd[3] = {nullptr, nullptr, nullptr}, *pb[3] = {nullptr, nullptr, nullptr};
+    for (int i = 0; i < n; ++i) {
+      Tensor* t = nullptr; OP_REQUIRES_OK(ctx, dks.allocate(i, ks[0].shape(), &t)); pd[i] = t->flat<T>().data();
+      OP_REQUIRES_OK(ctx, dbs.allocate(i, bs[i].shape(), &t)); pb[i] = t->flat<T>().data();
+    }
+    Tensor* dh0t = nullptr; OP_REQUIRES_OK(ctx, ctx->allocate_output(2 * n, h0.shape(), &dh0t));
+    const int64_t B = ks[0].dim_size(0), L = ks[0].dim_size(1), D = ks[0].dim_size(2);
     T* pdh0 = dh0t->flat<T>().data();
-    if (z.B * z.L * z.D == 0) { for (int64_t i = 0; i < h0.NumElements(); ++i) pdh0[i] = T(0); return; }
-    const bool lstm = n == 3;
-    const T *k0 = ks[0].flat<T>().data(), *k1 = ks[1].flat<T>().data(), *kh = ks[n - 1].flat<T>().data();
-    const T *p0 = h0.flat<T>().data(), *pm = z.masked ? m.flat<T>().data() : nullptr, *ph = hs.flat<T>().data(), *pg = dh.flat<T>().data();
-    T *d0p = pd[0], *d1p = pd[1], *dhp = pd[n - 1];
-    auto work = [&](int64_t start, int64_t end) {
-      for (int64_t u = start; u < end; ++u) {
-        const int64_t r = u / z.nblk, d0 = (u % z.nblk) * W, w = std::min(W, z.D - d0), base = r * z.L * z.D + d0;
-        T gnext[W], anext[W];
-        for (int64_t d = 0; d < w; ++d) { gnext[d] = T(0); anext[d] = T(0); }
-        for (int64_t t = z.L - 1; t >= 0; --t) {
-          const int64_t off = base + t * z.D;
-          const T* hprev = t > 0 ? ph + off - z.D : p0 + r * z.D + d0;
-          if (pm && pm[r * z.L + t] == T(0)) {
-            for (int64_t d = 0; d < w; ++d) {
-              gnext[d] = pg[off + d] + anext[d] * gnext[d]; anext[d] = T(1);
-              d0p[off + d] = T(0); dhp[off + d] = T(0); if (lstm) d1p[off + d] = T(0);
-            }
-            continue;
-          }
-          if (lstm) {
-#pragma GCC ivdep
-            for (int64_t d = 0; d < w; ++d) {
-              T a, ip, gh, gp, sf, si; gates<T, true>(k0[off + d], k1[off + d], kh[off + d], a, ip, gh, gp, sf, si);
-              const T g = pg[off + d] + anext[d] * gnext[d];
-              const T dd = a * ip * (gh * g - g * hprev[d]);
-              d0p[off + d] = -dd * sf; d1p[off + d] = dd * si; dhp[off + d] = g * ip * gp;
-              gnext[d] = g; anext[d] = a;
-            }
-          } else {
-#pragma GCC ivdep
-            for (int64_t d = 0; d < w; ++d) {
-              T a, ip, gh, gp, sf, si; gates<T, false>(k0[off + d], k0[off + d], kh[off + d], a, ip, gh, gp, sf, si);
-              const T g = pg[off + d] + anext[d] * gnext[d];
-              d0p[off + d] = a * ip * (gh * g - g * hprev[d]); dhp[off + d] = g * ip * gp;
-              gnext[d] = g; anext[d] = a;
-            }
-          }
-        }
-        for (int64_t d = 0; d < w; ++d) pdh0[r * z.D + d0 + d] = anext[d] * gnext[d];
-      }
-    };
-    auto* pool = ctx->device()->tensorflow_cpu_worker_threads();
-    Shard(pool->num_threads, pool->workers, z.B * z.nblk, z.L * W * 90, work);
+    std::vector<double> db(B * 3 * D, 0.);
+    const bool stream = std::is_same<T, float>::value && D % 16 == 0 &&
+                        ((reinterpret_cast<uintptr_t>(pd[0]) | reinterpret_cast<uintptr_t>(pd[1]) | reinterpret_cast<uintptr_t>(pd[n - 1])) & 63) == 0;
+    Sweep<T> s{ks[0].flat<T>().data(), ks[1].flat<T>().data(), ks[n - 1].flat<T>().data(),
+               bs[0].flat<T>().data(), bs[1].flat<T>().data(), bs[n - 1].flat<T>().data(), h0.flat<T>().data(),
+               m.NumElements() > 0 ? m.flat<T>().data() : nullptr, hs.flat<T>().data(), dh.flat<T>().data(),
+               pd[0], pd[1], pd[n - 1], pdh0, db.data(), B, L, D, stream};
+    if (B * L * D == 0) for (int64_t i = 0; i < h0.NumElements(); ++i) pdh0[i] = T(0);
+    else s.template run<true>(ctx, n == 3);
+    for (int i = 0; i < n; ++i) {                    // sum the rows' bias gradients in a fixed order
+      const int src = i == n - 1 ? 2 : i;
+      for (int64_t d = 0; d < D; ++d) { double acc = 0.; for (int64_t r = 0; r < B; ++r) acc += db[(r * 3 + src) * D + d]; pb[i][d] = T(acc); }
+    }
   }
 };
 
@@ -363,7 +444,8 @@ class _MinRNN(keras.layers.Layer):
             if initial_state.shape.rank is not None and (initial_state.shape.rank != 2 or initial_state.shape[-1] not in (None, self.state_units)):
                 raise ValueError(f'the initial state has shape {initial_state.shape}, but {self.name} needs (batch, {self.state_units})')
         if self.mode == 'parallel':                # gates and scan fused, with their gradient written out
-            h = min_rnn_scan(self.cell.pre_activations(inputs), initial_state, mask)
+            dense = [getattr(self.cell, name) for name in self.cell.projections]   # the kernel adds their biases
+            h = min_rnn_scan([keras.ops.matmul(inputs, d.kernel) for d in dense], initial_state, mask, biases=[d.bias for d in dense])
         else:                                      # the step loop over log-space coefficients
             log_a, log_b = self.cell.log_coefficients(inputs)
             if mask is not None:                   # a masked step keeps the state: a = 1, b = 0

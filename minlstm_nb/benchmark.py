@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['CONTENDERS', 'RATIOS', 'Projections', 'time_train_step', 'generation_speed', 'run_benchmark', 'format_table',
-           'minlstm_bench']
+           'step_breakdown', 'minlstm_bench']
 
 # %% ../nbs/06_benchmark.ipynb #0b1e3bd4
 import json, os, platform, sys, time
@@ -41,11 +41,8 @@ def _cpu_memory():
     try: info = tf.config.experimental.get_memory_info('CPU:0'); return info['current'], info['peak']
     except (ValueError, RuntimeError, KeyError): return None
 
-def time_train_step(layer,           # a Keras layer (batch, T, features) -> (batch, T, units)
-                    x,               # an input batch
-                    runs:int=5,      # timed runs after one warm-up
-                   )->dict:          # {'median_ms', 'min_ms', 'max_ms', 'peak_mb'}
-    "Wall time of one forward + backward pass of `layer` on `x`, graph-compiled and warm, and the memory it peaks at."
+def _train_step(layer, x):
+    "A compiled training step of `layer` (mean squared output as the loss), traced and warmed up on `x`."
     layer(x)
     @tf.function
     def step(x):
@@ -53,14 +50,32 @@ def time_train_step(layer,           # a Keras layer (batch, T, features) -> (ba
             loss = tf.reduce_mean(tf.square(layer(x)))
         return tape.gradient(loss, layer.trainable_weights)
     [v.numpy() for v in step(x)]
+    return step
+
+def _timed(step, x):
+    "Milliseconds of one run of a compiled step, its results copied out."
+    t0 = time.perf_counter(); [v.numpy() for v in step(x)]
+    return 1e3*(time.perf_counter() - t0)
+
+def _peak_mb(step, x):
+    "Memory one run of `step` needs at its peak beyond what was allocated before it (MB), or None."
     before = _cpu_memory()
-    if before is not None: tf.config.experimental.reset_memory_stats('CPU:0'); before = _cpu_memory()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter(); [v.numpy() for v in step(x)]; times.append(1e3*(time.perf_counter() - t0))
-    after = _cpu_memory()
-    peak = None if before is None else (after[1] - before[0])/2**20
+    if before is None: return None
+    tf.config.experimental.reset_memory_stats('CPU:0'); before = _cpu_memory()
+    [v.numpy() for v in step(x)]
+    return (_cpu_memory()[1] - before[0])/2**20
+
+def _summary(times, peak):
     return dict(median_ms=float(np.median(times)), min_ms=float(np.min(times)), max_ms=float(np.max(times)), peak_mb=peak)
+
+def time_train_step(layer,           # a Keras layer (batch, T, features) -> (batch, T, units)
+                    x,               # an input batch
+                    runs:int=5,      # timed runs after one warm-up
+                   )->dict:          # {'median_ms', 'min_ms', 'max_ms', 'peak_mb'}
+    "Wall time of one forward + backward pass of `layer` on `x`, graph-compiled and warm, and the memory it peaks at."
+    step = _train_step(layer, x)
+    peak = _peak_mb(step, x)
+    return _summary([_timed(step, x) for _ in range(runs)], peak)
 
 # %% ../nbs/06_benchmark.ipynb #a5bca313
 def generation_speed(cell:str, units:int=64, vocab_size:int=1000, tokens:int=300)->float:
@@ -88,7 +103,7 @@ RATIOS = {   # name -> (numerator, denominator): how many times the second is fa
 def run_benchmark(lengths=(64, 256, 512, 1024, 4096), # sequence lengths T
                   batch:int=16,                        # sequences per batch
                   units:int=64,                        # units, and input features
-                  runs:int=5,                          # timed runs per measurement (3 for the slow step loops beyond T = 1024)
+                  runs:int=7,                          # timed runs per measurement (3 for the slow step loops beyond T = 1024)
                   generation:bool=True,                # also measure generation speed
                   contenders=tuple(CONTENDERS),        # which to time
                   log=print,                           # progress lines go here (None: silent)
@@ -108,11 +123,18 @@ def _run(lengths, batch, units, runs, generation, contenders, log):
     t_start = time.perf_counter()
     for T in lengths:
         x = tf.random.normal((batch, T, units), seed=T)
+        steps = {c: _train_step(CONTENDERS[c](units), x) for c in contenders}
+        peaks = {c: _peak_mb(steps[c], x) for c in contenders}
+        n = {c: 3 if (c.endswith('sequential') or c.startswith('keras')) and T > 1024 else runs for c in contenders}
+        times = {c: [] for c in contenders}
+        for i in range(runs):             # round robin: a burst of load on the shared machine hits every contender alike
+            for c in contenders:
+                if i < n[c]: times[c].append(_timed(steps[c], x))
         for c in contenders:
-            slow_loop = c.endswith('sequential') or c.startswith('keras')
-            t = time_train_step(CONTENDERS[c](units), x, runs=3 if slow_loop and T > 1024 else runs)
+            t = _summary(times[c], peaks[c])
             res['train_step_ms'][c][T], res['spread_ms'][c][T] = t['median_ms'], [t['min_ms'], t['max_ms']]
             res['peak_memory_mb'][c][T] = t['peak_mb']
+        del steps
         if log: log(f'T={T:6}: ' + ', '.join(f'{c} {res["train_step_ms"][c][T]:.1f} ms' for c in contenders) +
                     f'  ({time.perf_counter() - t_start:.0f} s)')
     res['ratios'] = {r: {T: res['train_step_ms'][a][T]/res['train_step_ms'][b][T] for T in lengths}
@@ -141,6 +163,43 @@ def format_table(res:dict)->str:
         lines += ['generation, step mode, batch 1: ' + ', '.join(f'{c} {v:,.0f} tokens/s' for c, v in res['generation_tokens_per_s'].items())]
     return '\n'.join(lines)
 
+# %% ../nbs/06_benchmark.ipynb #bab1beae
+def step_breakdown(T:int=4096,       # sequence length
+                   batch:int=16,     # sequences per batch
+                   units:int=64,     # units, and input features
+                   runs:int=9,       # timed runs of each part, round robin
+                  )->dict:           # median ms of each part, the bandwidth (GB/s) and the kernel's traffic bound (ms)
+    "Time the parts of parallel minLSTM's training step side by side: projections, fused kernel, loss, memory bandwidth."
+    from minlstm_nb.cell import min_rnn_scan
+    x = tf.random.normal((batch, T, units), seed=0)
+    ks = [tf.random.normal((batch, T, units), seed=i) for i in range(3)]
+    bs = [tf.zeros((units,)) for _ in range(3)]
+    big = tf.random.normal((8, batch, T, units), seed=9)
+    @tf.function
+    def kernel(ks, bs):
+        with tf.GradientTape() as tape:
+            tape.watch([ks, bs]); loss = tf.reduce_mean(tf.square(min_rnn_scan(ks, biases=bs)))
+        return tape.gradient(loss, [ks, bs])[1]                    # the biases' gradients: copying out 3 sequences would cost more than the kernel
+    @tf.function
+    def loss_only(y):
+        with tf.GradientTape() as tape: tape.watch(y); loss = tf.reduce_mean(tf.square(y))
+        return [tape.gradient(loss, y)[0, 0, 0]]
+    layer, floor = _train_step(MinLSTM(units, return_sequences=True), x), _train_step(Projections(units, 3), x)
+    parts = {'layer': lambda: layer(x), 'projections': lambda: floor(x), 'kernel_and_loss': lambda: kernel(ks, bs),
+             'loss': lambda: loss_only(ks[0]), 'read': lambda: [tf.reduce_sum(big)]}
+    flat = lambda r: [v for l in r for v in (l if isinstance(l, list) else [l])]
+    for f in parts.values(): [v.numpy() for v in flat(f())]        # trace and warm up
+    times = {k: [] for k in parts}
+    for _ in range(runs):
+        for k, f in parts.items():
+            t0 = time.perf_counter(); [v.numpy() for v in flat(f())]; times[k].append(1e3*(time.perf_counter() - t0))
+    res = {f'{k}_ms': float(np.median(v)) for k, v in times.items()}
+    seq = 4*batch*T*units                                            # bytes of one sequence of floats
+    res['bandwidth_gb_s'] = 8*seq/res['read_ms']/1e6                   # 8 sequences read (writing is no faster)
+    res['kernel_traffic_bound_ms'] = 12*seq/res['bandwidth_gb_s']/1e6
+    res['settings'] = dict(T=T, batch=batch, units=units, runs=runs)
+    return res
+
 # %% ../nbs/06_benchmark.ipynb #ee702337
 def _write_json(path, res):
     with open(path, 'w') as f: json.dump(res, f, indent=1)
@@ -153,6 +212,7 @@ def minlstm_bench(lengths:str='64,256,512,1024,4096', # comma-separated sequence
                   runs:int=5,                          # timed runs per measurement
                   json:str=None,                       # also write every figure to this JSON file
                   no_generation:store_true=False,      # skip the generation-speed measurement
+                  breakdown:store_true=False,          # also split minLSTM's step into its parts at the longest length
                  ):
     "Benchmark minLSTM/minGRU training (parallel and sequential) against Keras LSTM/GRU and the projections' floor."
     try:
@@ -164,4 +224,9 @@ def minlstm_bench(lengths:str='64,256,512,1024,4096', # comma-separated sequence
         if v < 1: print(f'minlstm_bench: error: --{name} must be at least 1, got {v}', file=sys.stderr); sys.exit(2)
     res = run_benchmark(Ts, batch, units, runs, generation=not no_generation)
     print(format_table(res))
+    if breakdown:
+        b = res['breakdown'] = step_breakdown(max(Ts), batch, units)
+        print(f"minLSTM step at T={max(Ts)}: {b['layer_ms']:.1f} ms; its projections alone {b['projections_ms']:.1f} ms; kernel and loss "
+              f"{b['kernel_and_loss_ms']:.1f} ms (loss {b['loss_ms']:.1f} ms); the kernel's traffic needs {b['kernel_traffic_bound_ms']:.1f} ms "
+              f"at {b['bandwidth_gb_s']:.1f} GB/s")
     if json: print(f'wrote {_write_json(json, res)}')

@@ -168,13 +168,21 @@ def step_breakdown(T:int=4096,       # sequence length
                    batch:int=16,     # sequences per batch
                    units:int=64,     # units, and input features
                    runs:int=9,       # timed runs of each part, round robin
-                  )->dict:           # median ms of each part, the bandwidth (GB/s) and the kernel's traffic bound (ms)
-    "Time the parts of parallel minLSTM's training step side by side: projections, fused kernel, loss, memory bandwidth."
+                  )->dict:           # median ms of each part, the bandwidth (GB/s), the kernel's traffic and the step's lower bound (ms)
+    "Time the parts of parallel minLSTM's training step side by side (and Keras' LSTM): products, kernel, loss, bandwidth."
     from minlstm_nb.cell import min_rnn_scan
     x = tf.random.normal((batch, T, units), seed=0)
     ks = [tf.random.normal((batch, T, units), seed=i) for i in range(3)]
     bs = [tf.zeros((units,)) for _ in range(3)]
     big = tf.random.normal((8, batch, T, units), seed=9)
+    xf, gs = tf.reshape(x, (-1, units)), [tf.reshape(k, (-1, units)) for k in ks]
+    Ws = [tf.random.normal((units, units), seed=20 + i) for i in range(3)]
+    @tf.function
+    def products():                      # the projections' forward products, as Dense computes them
+        return [tf.matmul(xf, w)[0, 0] for w in Ws]
+    @tf.function
+    def weight_grads():                  # their weights' gradients x^T g, one per projection
+        return [tf.matmul(xf, g, transpose_a=True) for g in gs]
     @tf.function
     def kernel(ks, bs):
         with tf.GradientTape() as tape:
@@ -185,8 +193,10 @@ def step_breakdown(T:int=4096,       # sequence length
         with tf.GradientTape() as tape: tape.watch(y); loss = tf.reduce_mean(tf.square(y))
         return [tape.gradient(loss, y)[0, 0, 0]]
     layer, floor = _train_step(MinLSTM(units, return_sequences=True), x), _train_step(Projections(units, 3), x)
-    parts = {'layer': lambda: layer(x), 'projections': lambda: floor(x), 'kernel_and_loss': lambda: kernel(ks, bs),
-             'loss': lambda: loss_only(ks[0]), 'read': lambda: [tf.reduce_sum(big)]}
+    lstm = _train_step(keras.layers.LSTM(units, return_sequences=True), x)
+    parts = {'keras_lstm': lambda: lstm(x), 'layer': lambda: layer(x), 'projections': lambda: floor(x), 'kernel_and_loss': lambda: kernel(ks, bs),
+             'loss': lambda: loss_only(ks[0]), 'read': lambda: [tf.reduce_sum(big)],
+             'products': products, 'weight_grads': weight_grads}
     flat = lambda r: [v for l in r for v in (l if isinstance(l, list) else [l])]
     for f in parts.values(): [v.numpy() for v in flat(f())]        # trace and warm up
     times = {k: [] for k in parts}
@@ -197,6 +207,7 @@ def step_breakdown(T:int=4096,       # sequence length
     seq = 4*batch*T*units                                            # bytes of one sequence of floats
     res['bandwidth_gb_s'] = 8*seq/res['read_ms']/1e6                   # 8 sequences read (writing is no faster)
     res['kernel_traffic_bound_ms'] = 12*seq/res['bandwidth_gb_s']/1e6
+    res['lower_bound_ms'] = res['products_ms'] + res['weight_grads_ms'] + res['loss_ms'] + res['kernel_traffic_bound_ms']
     res['settings'] = dict(T=T, batch=batch, units=units, runs=runs)
     return res
 

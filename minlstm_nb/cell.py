@@ -338,10 +338,19 @@ struct Sweep {
   }
 };
 
+// Reads and checks the inputs both ops share (ks, biases, h0, mask) into the sweep.
 template <typename T>
-static Status check_biases(const OpInputList& ks, const OpInputList& bs) {
+static Status read_inputs(OpKernelContext* ctx, OpInputList& ks, OpInputList& bs, Sweep<T>& s) {
+  TF_RETURN_IF_ERROR(ctx->input_list("ks", &ks)); TF_RETURN_IF_ERROR(ctx->input_list("biases", &bs));
+  const int n = ks.size();
+  const Tensor &h0 = ctx->input(2 * n), &m = ctx->input(2 * n + 1);
+  TF_RETURN_IF_ERROR(check<T>(ks, h0, m));
   for (int i = 0; i < bs.size(); ++i)
     if (bs[i].dims() != 1 || bs[i].dim_size(0) != ks[0].dim_size(2)) return absl::InvalidArgumentError("biases must be (units,)");
+  s.k0 = ks[0].flat<T>().data(); s.k1 = ks[1].flat<T>().data(); s.kh = ks[n - 1].flat<T>().data();
+  s.b0 = bs[0].flat<T>().data(); s.b1 = bs[1].flat<T>().data(); s.bh = bs[n - 1].flat<T>().data();
+  s.h0 = h0.flat<T>().data(); s.mask = m.NumElements() > 0 ? m.flat<T>().data() : nullptr;
+  s.B = ks[0].dim_size(0); s.L = ks[0].dim_size(1); s.D = ks[0].dim_size(2);
   return absl::OkStatus();
 }
 
@@ -350,16 +359,11 @@ class GateScanOp : public OpKernel {
  public:
   explicit GateScanOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
   void Compute(OpKernelContext* ctx) override {
-    OpInputList ks, bs; OP_REQUIRES_OK(ctx, ctx->input_list("ks", &ks)); OP_REQUIRES_OK(ctx, ctx->input_list("biases", &bs));
-    const int n = ks.size();
-    const Tensor &h0 = ctx->input(2 * n), &m = ctx->input(2 * n + 1);
-    OP_REQUIRES_OK(ctx, check<T>(ks, h0, m)); OP_REQUIRES_OK(ctx, check_biases<T>(ks, bs));
+    OpInputList ks, bs; Sweep<T> s{};
+    OP_REQUIRES_OK(ctx, read_inputs<T>(ctx, ks, bs, s));
     Tensor* out = nullptr; OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ks[0].shape(), &out));
-    Sweep<T> s{ks[0].flat<T>().data(), ks[1].flat<T>().data(), ks[n - 1].flat<T>().data(),
-               bs[0].flat<T>().data(), bs[1].flat<T>().data(), bs[n - 1].flat<T>().data(), h0.flat<T>().data(),
-               m.NumElements() > 0 ? m.flat<T>().data() : nullptr, nullptr, nullptr,
-               nullptr, nullptr, out->flat<T>().data(), nullptr, nullptr, ks[0].dim_size(0), ks[0].dim_size(1), ks[0].dim_size(2), false};
-    if (s.B * s.L * s.D > 0) s.template run<false>(ctx, n == 3);
+    s.outh = out->flat<T>().data();
+    if (s.B * s.L * s.D > 0) s.template run<false>(ctx, ks.size() == 3);
   }
 };
 
@@ -368,10 +372,10 @@ class GateScanGradOp : public OpKernel {
  public:
   explicit GateScanGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
   void Compute(OpKernelContext* ctx) override {
-    OpInputList ks, bs; OP_REQUIRES_OK(ctx, ctx->input_list("ks", &ks)); OP_REQUIRES_OK(ctx, ctx->input_list("biases", &bs));
+    OpInputList ks, bs; Sweep<T> s{};
+    OP_REQUIRES_OK(ctx, read_inputs<T>(ctx, ks, bs, s));
     const int n = ks.size();
-    const Tensor &h0 = ctx->input(2 * n), &m = ctx->input(2 * n + 1), &hs = ctx->input(2 * n + 2), &dh = ctx->input(2 * n + 3);
-    OP_REQUIRES_OK(ctx, check<T>(ks, h0, m)); OP_REQUIRES_OK(ctx, check_biases<T>(ks, bs));
+    const Tensor &h0 = ctx->input(2 * n), &hs = ctx->input(2 * n + 2), &dh = ctx->input(2 * n + 3);
     OP_REQUIRES(ctx, hs.shape() == ks[0].shape() && dh.shape() == ks[0].shape(), absl::InvalidArgumentError("h and dh must be shaped like ks"));
     OpOutputList dks, dbs; OP_REQUIRES_OK(ctx, ctx->output_list("dks", &dks)); OP_REQUIRES_OK(ctx, ctx->output_list("dbiases", &dbs));
     T *pd[3] = {nullptr, nullptr, nullptr}, *pb[3] = {nullptr, nullptr, nullptr};
@@ -380,20 +384,16 @@ class GateScanGradOp : public OpKernel {
       OP_REQUIRES_OK(ctx, dbs.allocate(i, bs[i].shape(), &t)); pb[i] = t->flat<T>().data();
     }
     Tensor* dh0t = nullptr; OP_REQUIRES_OK(ctx, ctx->allocate_output(2 * n, h0.shape(), &dh0t));
-    const int64_t B = ks[0].dim_size(0), L = ks[0].dim_size(1), D = ks[0].dim_size(2);
-    T* pdh0 = dh0t->flat<T>().data();
-    std::vector<double> db(B * 3 * D, 0.);
-    const bool stream = std::is_same<T, float>::value && D % 16 == 0 &&
-                        ((reinterpret_cast<uintptr_t>(pd[0]) | reinterpret_cast<uintptr_t>(pd[1]) | reinterpret_cast<uintptr_t>(pd[n - 1])) & 63) == 0;
-    Sweep<T> s{ks[0].flat<T>().data(), ks[1].flat<T>().data(), ks[n - 1].flat<T>().data(),
-               bs[0].flat<T>().data(), bs[1].flat<T>().data(), bs[n - 1].flat<T>().data(), h0.flat<T>().data(),
-               m.NumElements() > 0 ? m.flat<T>().data() : nullptr, hs.flat<T>().data(), dh.flat<T>().data(),
-               pd[0], pd[1], pd[n - 1], pdh0, db.data(), B, L, D, stream};
-    if (B * L * D == 0) for (int64_t i = 0; i < h0.NumElements(); ++i) pdh0[i] = T(0);
+    std::vector<double> db(s.B * 3 * s.D, 0.);
+    s.h = hs.flat<T>().data(); s.dh = dh.flat<T>().data();
+    s.out0 = pd[0]; s.out1 = pd[1]; s.outh = pd[n - 1]; s.dh0 = dh0t->flat<T>().data(); s.db = db.data();
+    s.stream = std::is_same<T, float>::value && s.D % 16 == 0 &&
+               ((reinterpret_cast<uintptr_t>(pd[0]) | reinterpret_cast<uintptr_t>(pd[1]) | reinterpret_cast<uintptr_t>(pd[n - 1])) & 63) == 0;
+    if (s.B * s.L * s.D == 0) for (int64_t i = 0; i < h0.NumElements(); ++i) s.dh0[i] = T(0);
     else s.template run<true>(ctx, n == 3);
     for (int i = 0; i < n; ++i) {                    // sum the rows' bias gradients in a fixed order
       const int src = i == n - 1 ? 2 : i;
-      for (int64_t d = 0; d < D; ++d) { double acc = 0.; for (int64_t r = 0; r < B; ++r) acc += db[(r * 3 + src) * D + d]; pb[i][d] = T(acc); }
+      for (int64_t d = 0; d < s.D; ++d) { double acc = 0.; for (int64_t r = 0; r < s.B; ++r) acc += db[(r * 3 + src) * s.D + d]; pb[i][d] = T(acc); }
     }
   }
 };

@@ -13,7 +13,7 @@ import tensorflow as tf
 import keras
 from fastcore.script import call_parse, store_true
 from .scan import scan_backend
-from .cell import MinGRU, MinLSTM
+from .cell import MinGRU, MinLSTM, min_rnn_scan
 from .training import build_model
 from .prediction import step_function, model_initial_states
 
@@ -170,7 +170,6 @@ def step_breakdown(T:int=4096,       # sequence length
                    runs:int=9,       # timed runs of each part, round robin
                   )->dict:           # median ms of each part, the bandwidth (GB/s), the kernel's traffic and the step's lower bound (ms)
     "Time the parts of parallel minLSTM's training step side by side (and Keras' LSTM): products, kernel, loss, bandwidth."
-    from minlstm_nb.cell import min_rnn_scan
     x = tf.random.normal((batch, T, units), seed=0)
     ks = [tf.random.normal((batch, T, units), seed=i) for i in range(3)]
     bs = [tf.zeros((units,)) for _ in range(3)]

@@ -52,9 +52,9 @@ def _train_step(layer, x):
     [v.numpy() for v in step(x)]
     return step
 
-def _timed(step, x):
-    "Milliseconds of one run of a compiled step, its results copied out."
-    t0 = time.perf_counter(); [v.numpy() for v in step(x)]
+def _timed(step, *args):
+    "Milliseconds of one run of a compiled step, its results (a list of tensors) copied out."
+    t0 = time.perf_counter(); [v.numpy() for v in step(*args)]
     return 1e3*(time.perf_counter() - t0)
 
 def _peak_mb(step, x):
@@ -196,12 +196,10 @@ def step_breakdown(T:int=4096,       # sequence length
     parts = {'keras_lstm': lambda: lstm(x), 'layer': lambda: layer(x), 'projections': lambda: floor(x), 'kernel_and_loss': lambda: kernel(ks, bs),
              'loss': lambda: loss_only(ks[0]), 'read': lambda: [tf.reduce_sum(big)],
              'products': products, 'weight_grads': weight_grads}
-    flat = lambda r: [v for l in r for v in (l if isinstance(l, list) else [l])]
-    for f in parts.values(): [v.numpy() for v in flat(f())]        # trace and warm up
+    for f in parts.values(): _timed(f)                              # trace and warm up
     times = {k: [] for k in parts}
     for _ in range(runs):
-        for k, f in parts.items():
-            t0 = time.perf_counter(); [v.numpy() for v in flat(f())]; times[k].append(1e3*(time.perf_counter() - t0))
+        for k, f in parts.items(): times[k].append(_timed(f))
     res = {f'{k}_ms': float(np.median(v)) for k, v in times.items()}
     seq = 4*batch*T*units                                            # bytes of one sequence of floats
     res['bandwidth_gb_s'] = 8*seq/res['read_ms']/1e6                   # 8 sequences read (writing is no faster)

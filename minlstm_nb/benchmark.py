@@ -8,11 +8,12 @@ __all__ = ['CONTENDERS', 'RATIOS', 'Projections', 'time_train_step', 'generation
 
 # %% ../nbs/06_benchmark.ipynb #0b1e3bd4
 import json, os, platform, sys, time
+os.environ.setdefault('TF_CPU_ALLOCATOR_USE_BFC', 'true')   # TensorFlow keeps CPU allocation statistics only with this allocator
 import numpy as np
 import tensorflow as tf
 import keras
 from fastcore.script import call_parse, store_true
-from .scan import scan_backend
+from .kernels import explain
 from .cell import MinGRU, MinLSTM, min_rnn_scan
 from .training import build_model
 from .prediction import step_function, model_initial_states
@@ -27,6 +28,8 @@ class Projections(keras.layers.Layer):
 CONTENDERS = {   # name -> layer factory taking the number of units
     'minlstm_parallel': lambda u: MinLSTM(u, return_sequences=True),
     'mingru_parallel': lambda u: MinGRU(u, return_sequences=True),
+    'minlstm_portable': lambda u: MinLSTM(u, return_sequences=True, backend='portable'),   # keras.ops only, graph mode
+    'minlstm_portable_xla': lambda u: MinLSTM(u, return_sequences=True),                   # the step under XLA (a GPU's path)
     'minlstm_sequential': lambda u: MinLSTM(u, return_sequences=True, mode='sequential'),
     'mingru_sequential': lambda u: MinGRU(u, return_sequences=True, mode='sequential'),
     'keras_lstm': lambda u: keras.layers.LSTM(u, return_sequences=True),
@@ -41,10 +44,10 @@ def _cpu_memory():
     try: info = tf.config.experimental.get_memory_info('CPU:0'); return info['current'], info['peak']
     except (ValueError, RuntimeError, KeyError): return None
 
-def _train_step(layer, x):
+def _train_step(layer, x, jit_compile=False):
     "A compiled training step of `layer` (mean squared output as the loss), traced and warmed up on `x`."
     layer(x)
-    @tf.function
+    @tf.function(jit_compile=jit_compile)
     def step(x):
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(tf.square(layer(x)))
@@ -71,9 +74,10 @@ def _summary(times, peak):
 def time_train_step(layer,           # a Keras layer (batch, T, features) -> (batch, T, units)
                     x,               # an input batch
                     runs:int=5,      # timed runs after one warm-up
+                    jit_compile:bool=False, # compile the step with XLA
                    )->dict:          # {'median_ms', 'min_ms', 'max_ms', 'peak_mb'}
     "Wall time of one forward + backward pass of `layer` on `x`, graph-compiled and warm, and the memory it peaks at."
-    step = _train_step(layer, x)
+    step = _train_step(layer, x, jit_compile)
     peak = _peak_mb(step, x)
     return _summary([_timed(step, x) for _ in range(runs)], peak)
 
@@ -96,6 +100,9 @@ RATIOS = {   # name -> (numerator, denominator): how many times the second is fa
     'mingru_seq_over_par': ('mingru_sequential', 'mingru_parallel'),
     'lstm_over_minlstm': ('keras_lstm', 'minlstm_parallel'),
     'gru_over_mingru': ('keras_gru', 'mingru_parallel'),
+    'portable_over_kernel': ('minlstm_portable', 'minlstm_parallel'),
+    'portable_xla_over_kernel': ('minlstm_portable_xla', 'minlstm_parallel'),
+    'lstm_over_portable': ('keras_lstm', 'minlstm_portable'),
     'minlstm_over_floor': ('minlstm_parallel', 'projections_3'),
     'mingru_over_floor': ('mingru_parallel', 'projections_2'),
 }
@@ -117,13 +124,13 @@ def run_benchmark(lengths=(64, 256, 512, 1024, 4096), # sequence lengths T
 def _run(lengths, batch, units, runs, generation, contenders, log):
     res = dict(settings=dict(lengths=list(lengths), batch=batch, units=units, runs=runs),
                machine=dict(cpus=os.cpu_count(), platform=platform.platform(), tensorflow=tf.__version__,
-                            keras=keras.__version__, scan_backend=scan_backend()),
+                            keras=keras.__version__, parallel_path=explain('float32')[0]),
                train_step_ms={c: {} for c in contenders}, spread_ms={c: {} for c in contenders},
                peak_memory_mb={c: {} for c in contenders})
     t_start = time.perf_counter()
     for T in lengths:
         x = tf.random.normal((batch, T, units), seed=T)
-        steps = {c: _train_step(CONTENDERS[c](units), x) for c in contenders}
+        steps = {c: _train_step(CONTENDERS[c](units), x, jit_compile=c.endswith('_xla')) for c in contenders}
         peaks = {c: _peak_mb(steps[c], x) for c in contenders}
         n = {c: 3 if (c.endswith('sequential') or c.startswith('keras')) and T > 1024 else runs for c in contenders}
         times = {c: [] for c in contenders}
@@ -150,11 +157,13 @@ def format_table(res:dict)->str:
     Ts, tms = res['settings']['lengths'], res['train_step_ms']
     s = res['settings']
     lines = [f"training step (forward + backward), batch {s['batch']}, {s['units']} units, median ms "
-             f"({res['machine']['cpus']} CPUs, TensorFlow {res['machine']['tensorflow']}, scan: {res['machine']['scan_backend']})",
+             f"({res['machine']['cpus']} CPUs, TensorFlow {res['machine']['tensorflow']}, parallel path: {res['machine']['parallel_path']})",
              f"{'T':>22}" + ''.join(f'{T:>10}' for T in Ts)]
     lines += [f'{c:>22}' + ''.join(f'{tms[c][T]:>10.1f}' for T in Ts) for c in tms]
     labels = {'minlstm_seq_over_par': 'minLSTM seq / par', 'mingru_seq_over_par': 'minGRU seq / par',
               'lstm_over_minlstm': 'LSTM / minLSTM', 'gru_over_mingru': 'GRU / minGRU',
+              'portable_over_kernel': 'portable / kernel', 'portable_xla_over_kernel': 'portable XLA / kernel',
+              'lstm_over_portable': 'LSTM / portable',
               'minlstm_over_floor': 'minLSTM / its 3 Dense', 'mingru_over_floor': 'minGRU / its 2 Dense'}
     lines += ['ratios (x, same run)'] + [f'{labels[r]:>22}' + ''.join(f'{v[T]:>10.1f}' for T in Ts) for r, v in res['ratios'].items()]
     if any(v is not None for m in res['peak_memory_mb'].values() for v in m.values()):

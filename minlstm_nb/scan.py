@@ -65,10 +65,10 @@ def tracing_for_export()->bool:
         f = f.f_back
     return False
 
-def _states(step, h0, xs, differentiable=True):
+def _states(step, h0, xs):
     "Every state of h_i = step(h_{i-1}, xs_i) along axis 0, stacked: `keras.ops.scan`."
     if keras.backend.backend() != 'tensorflow': return ops.scan(lambda h, x: (step(h, x),)*2, h0, xs)[1]
-    if differentiable or in_xla() or not tracing_for_export():
+    if in_xla() or not tracing_for_export():
         return tf.scan(step, xs, initializer=h0)   # Keras' own scan fails on lengths unknown when traced
     n = tf.shape(xs[0])[0]
     def body(i, h, acc):                  # for export, no TensorArray: TFLite converts only those of static element shape
@@ -117,7 +117,7 @@ def chunked_scan(a, b,       # coefficients and inputs, (batch, time, features),
         hs.append(h); ps.append(p)
     h_loc, prod = ops.stack(hs, 2), ops.stack(ps, 2)        # (B, n, chunk, D)
     tm = lambda v: ops.transpose(v, (1, 0, 2))
-    H = _states(lambda H, pe: pe[0]*H + pe[1], h0, (tm(p), tm(h)), differentiable=False)   # 2. across chunks: (n, B, D)
+    H = _states(lambda H, pe: pe[0]*H + pe[1], h0, (tm(p), tm(h)))   # 2. across chunks: (n, B, D)
     H_in = tm(ops.concatenate([h0[None], H[:-1]], 0))       # the state each chunk starts from, (B, n, D)
     h = h_loc + prod*H_in[:, :, None]                       # 3. correct
     return ops.reshape(h, (B, n*chunk, D))[:, :T]

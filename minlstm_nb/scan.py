@@ -7,7 +7,7 @@ __all__ = ['CHUNK', 'SCANS', 'sequential_scan', 'in_xla', 'tracing_for_export', 
            'associative_scan', 'visible_devices', 'scan_method', 'linear_scan', 'parallel_scan']
 
 # %% ../nbs/02_scan.ipynb #483a038a
-import sys
+import functools, sys
 import tensorflow as tf
 import keras
 from keras import ops
@@ -77,6 +77,14 @@ def _states(step, h0, xs):
     _, _, acc = tf.while_loop(lambda i, h, acc: i < n, body, (0, h0, tf.zeros(tf.concat([[n], tf.shape(h0)], 0), h0.dtype)))
     return acc
 
+def _compiled(fn):
+    "`fn`, run as one TensorFlow graph when called eagerly under TensorFlow (its loops would otherwise run op by op)."
+    graph = tf.function(fn, reduce_retracing=True, autograph=False)
+    @functools.wraps(fn)
+    def run(*args): return graph(*args) if keras.backend.backend() == 'tensorflow' and tf.executing_eagerly() else fn(*args)
+    return run
+
+@_compiled
 def step_scan(a, b,   # coefficients and inputs, (batch, time, features), linear space
               h0,     # initial state, (batch, features)
              ):       # h for every step, shaped like b
@@ -105,7 +113,7 @@ def chunked_scan(a, b,       # coefficients and inputs, (batch, time, features),
                 ):           # h for every step, shaped like b
     "`h_t = a_t*h_{t-1} + b_t` in linear space: a loop inside chunks (unrolled), a loop across chunks, a correction."
     if b.shape[1] is not None: chunk = max(1, min(chunk, b.shape[1]))   # short sequences: no padding to a whole chunk
-    B, T, D = ops.shape(b)[0], ops.shape(b)[1], b.shape[-1]
+    B, T, D = ops.shape(b)
     n = (T + chunk - 1) // chunk
     pad = [[0, 0], [0, n*chunk - T], [0, 0]]
     a4 = ops.reshape(ops.pad(a, pad, constant_values=1), (B, n, chunk, D))
@@ -131,7 +139,7 @@ def _pairs(a, b):
     a0, a1, b0, b1 = a[:, 0:2*n2:2], a[:, 1:2*n2:2], b[:, 0:2*n2:2], b[:, 1:2*n2:2]
     h_odd = _pairs(a1*a0, a1*b0 + b1)                        # h at steps 1, 3, 5, ...
     h_even = ops.concatenate([b[:, :1], a[:, 2::2]*h_odd[:, :(T - 1)//2] + b[:, 2::2]], 1)   # steps 0, 2, 4, ...
-    h = ops.reshape(ops.stack([h_even[:, :n2], h_odd], 2), (-1, 2*n2, b.shape[-1]))          # interleave
+    h = ops.reshape(ops.stack([h_even[:, :n2], h_odd], 2), (-1, 2*n2, ops.shape(b)[2]))      # interleave
     return ops.concatenate([h, h_even[:, n2:]], 1) if T % 2 else h
 
 def associative_scan(a, b,   # coefficients and inputs, (batch, time, features), linear space
@@ -160,7 +168,7 @@ def scan_method(devices:list|None=None, # device types (default: `visible_device
     devices = visible_devices() if devices is None else devices
     return 'associative' if any(d.upper() in ('GPU', 'TPU') for d in devices) else 'chunked'
 
-SCANS = {'chunked': chunked_scan, 'associative': associative_scan}
+SCANS = {'chunked': _compiled(chunked_scan), 'associative': _compiled(associative_scan)}
 
 def linear_scan(a, b, h0,             # (batch, time, features), same; h0: (batch, features)
                 reverse:bool=False,   # run g_t = a_{t+1} g_{t+1} + b_t from the end instead (the backward pass)

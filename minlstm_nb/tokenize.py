@@ -16,7 +16,7 @@ from fastcore.basics import patch
 
 # %% ../nbs/00_tokenize.ipynb #1d57fc84
 def sample_text()->str:
-    "The article about RNNs that the project started from (UTF-8, shipped inside the package)."
+    "The article about RNNs that the seed experiment learns from (UTF-8, shipped inside the package)."
     return resources.files('minlstm_nb').joinpath('data/rnn_article.txt').read_text(encoding='utf-8')
 
 # %% ../nbs/00_tokenize.ipynb #c6cbf2e4

@@ -127,7 +127,10 @@ PAPER_SELECTIVE_COPY = {   # accuracy %, Feng et al. 2024 Table 2; baselines fro
     'minGRU': 99.5, 'minLSTM': 99.8}
 NAMES = {'minlstm': 'minLSTM', 'mingru': 'minGRU', 'lstm': 'Keras LSTM', 'gru': 'Keras GRU'}
 
-def copy_results(cells=CELLS, out=print, **kwargs)->list:
+def copy_results(cells=CELLS, # the cells to train, in order
+                 out=print,   # where each result's line goes (None: silent)
+                 **kwargs,    # `train_copy`'s settings, the same for every cell
+                )->list:
     "Train each of `cells` with `train_copy(**kwargs)`; a list of result dicts (without the models)."
     res = []
     for c in cells:
@@ -136,7 +139,8 @@ def copy_results(cells=CELLS, out=print, **kwargs)->list:
         res.append(r)
     return res
 
-def copy_table(results:list)->str:
+def copy_table(results:list, # what `copy_results` returns
+              )->str:        # a markdown table, ours beside the paper's
     "A markdown table of our results beside the paper's."
     r0 = results[0]
     setting = f"length {r0['sequence_length']}, {r0['num_tokens']} tokens, {r0['depth']} layers of {r0['units']} units, {r0['steps']} steps of {r0['batch_size']}, seed {r0['seed']}"

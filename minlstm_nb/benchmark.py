@@ -152,7 +152,7 @@ def _run(lengths, batch, units, runs, generation, contenders, log):
     return res
 
 # %% ../nbs/06_benchmark.ipynb #1284c0c4
-def format_table(res:dict, # what `run_benchmark` returns
+def format_table(res:dict, # what run_benchmark returns
                 )->str:    # the tables as text
     "The benchmark as text: times per training step, ratios, memory and generation speed."
     Ts, tms = res['settings']['lengths'], res['train_step_ms']

@@ -111,7 +111,7 @@ def _coefficient_grads(ks, d, lstm, da, db):
 def gate_scan(ks,          # pre-activations: [k_f, k_i, k_h] (minLSTM) or [k_z, k_h] (minGRU), each (batch, time, units)
               h0,          # initial state, (batch, units)
               mask=None,   # (batch, time) of 1/0 (float): a masked step keeps the state
-              method=None, # "chunked" or "associative" (lesson 2); default: `scan_method()`
+              method=None, # "chunked" or "associative" (lesson 2); default: scan_method()
              ):            # h for every step
     "Gates and scan with the gradient written out, in `keras.ops`: the portable parallel path."
     lstm, n = len(ks) == 3, len(ks)
@@ -138,8 +138,8 @@ def min_rnn_scan(ks,          # pre-activations: [k_f, k_i, k_h] (minLSTM) or [k
                  h0=None,     # initial state (batch, units); default zeros
                  mask=None,   # (batch, time) booleans: a masked step keeps the state
                  backend=None,# "portable" (keras.ops, above), "kernel" (compiled CPU sweep); default: the backend rule
-                 biases=None, # biases added to `ks`, one (units,) vector each (the kernel adds them in its sweep)
-                 method=None, # the portable path's scan: "chunked" or "associative"; default: `scan_method()`
+                 biases=None, # biases added to ks, one (units,) vector each (the kernel adds them in its sweep)
+                 method=None, # the portable path's scan: "chunked" or "associative"; default: scan_method()
                 ):            # h for every step
     "The states of minLSTM or minGRU from their pre-activations, in parallel: gates, scan and gradient fused."
     if backend not in BACKENDS: raise ValueError(f'backend must be "kernel", "portable" or None, not {backend!r}')

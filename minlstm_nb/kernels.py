@@ -428,7 +428,7 @@ def choose_implementation(dtype:str='float32',         # the scan's dtype
                           xla:bool=False,              # traced inside XLA (jit_compile)
                           devices=('CPU',),            # device types visible to the Keras backend
                           exporting:bool=False,        # traced for a SavedModel / TFLite artifact
-                          keras_backend:str='tensorflow', # `keras.backend.backend()`
+                          keras_backend:str='tensorflow', # keras.backend.backend()
                           kernel_available=True,       # bool, or a callable asked only when the rest allows the kernel
                           backend:str|None=None,       # what the layer asked for: None, "kernel" or "portable"
                          )->tuple:                     # (implementation, reason): "kernel", "chunked" or "associative"

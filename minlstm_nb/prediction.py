@@ -28,7 +28,7 @@ def _prompt_ids(lm, text, unknown=None):
 # %% ../nbs/05_prediction.ipynb #0f9c59b0
 @patch
 def predict_next(self:LanguageModel,
-                 text:str,          # the prompt; its last `seq_length` tokens are read
+                 text:str,          # the prompt; its last seq_length tokens are read
                  k:int=1,           # how many candidates
                  unknown:str|None=None, # unknown tokens: "error" (default without an oov_token), "drop" or "oov"
                 )->list:            # [(token, probability)], most likely first
@@ -40,7 +40,7 @@ def predict_next(self:LanguageModel,
     return [(self.tokenizer.index_word[int(i)], float(p[i])) for i in top]
 
 # %% ../nbs/05_prediction.ipynb #517263de
-def step_function(model:keras.Model):   # a model from `build_model`
+def step_function(model:keras.Model):   # a model from build_model
     "A compiled `step(ids, states) -> (logits, states)`: one token per sequence, through the model's cells."
     rnn_types = (MinGRU, MinLSTM, ResidualBlock, keras.layers.LSTM, keras.layers.GRU)
     def step(ids, states):
@@ -63,7 +63,7 @@ def model_initial_states(model:keras.Model, batch_size:int=1)->list:
 # %% ../nbs/05_prediction.ipynb #006057b0
 @patch
 def generate(self:LanguageModel,
-             prompt:str,               # text to continue; its last `seq_length` tokens prime the state
+             prompt:str,               # text to continue; its last seq_length tokens prime the state
              n:int=20,                 # new tokens to generate
              temperature:float=1.0,    # > 0 sample from softmax(logits / temperature); 0: always the likeliest
              seed:int|None=None,       # seed of the sampler, for reproducible text

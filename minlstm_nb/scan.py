@@ -162,7 +162,7 @@ def visible_devices()->list:
         return ['CPU'] + (['GPU'] if torch.cuda.is_available() else [])
     return ['CPU']
 
-def scan_method(devices:list|None=None, # device types (default: `visible_devices()`)
+def scan_method(devices:list|None=None, # device types (default: visible_devices())
                )->str:                  # "associative" or "chunked"
     "The parallel scan for these devices: associative (log depth) when a GPU or TPU is visible, else the two-level scan."
     devices = visible_devices() if devices is None else devices
@@ -172,7 +172,7 @@ SCANS = {'chunked': _compiled(chunked_scan), 'associative': _compiled(associativ
 
 def linear_scan(a, b, h0,             # (batch, time, features), same; h0: (batch, features)
                 reverse:bool=False,   # run g_t = a_{t+1} g_{t+1} + b_t from the end instead (the backward pass)
-                method:str|None=None, # "chunked" or "associative"; default: `scan_method()`
+                method:str|None=None, # "chunked" or "associative"; default: scan_method()
                ):                     # h (or g) for every step, shaped like b
     "The linear recurrence in linear space, no gradient: the building block of `parallel_scan` and of its gradient."
     scan = SCANS[method or scan_method()]
@@ -198,7 +198,7 @@ def parallel_scan(log_a,        # log of the decay coefficients a_t, (batch, tim
                   log_b,        # log of the inputs b_t, same shape
                   log_h0=None,  # log of the initial state h_0, (batch, features); default h_0 = 0
                   h0=None,      # or h_0 itself, any sign (give one of log_h0, h0)
-                  method=None,  # "chunked" (two-level) or "associative"; default: `scan_method()`
+                  method=None,  # "chunked" (two-level) or "associative"; default: scan_method()
                  ):             # h_t for every step, shaped like log_b
     "`h_t = a_t*h_{t-1} + b_t` for the whole sequence at once, in linear space, with one more scan for its gradient."
     if method not in (None, *SCANS): raise ValueError(f'method must be one of {", ".join(map(repr, SCANS))} or None, not {method!r}')

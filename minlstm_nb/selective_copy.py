@@ -28,7 +28,7 @@ def _check_task(sequence_length, num_tokens, vocab_size):
 def selective_copy_data(n:int,                  # examples
                         sequence_length:int=64, # noise-and-data tokens before the markers
                         num_tokens:int=8,       # data tokens to memorise (and markers)
-                        vocab_size:int=VOCAB_SIZE, # noise, marker and `vocab_size - 2` data tokens
+                        vocab_size:int=VOCAB_SIZE, # noise, marker and vocab_size - 2 data tokens
                         seed:int=0,             # numpy seed
                        )->tuple:                # x (n, sequence_length + num_tokens), y (n, num_tokens), int32
     "`n` Selective Copying examples: `x` is noise with `num_tokens` data tokens scattered in it, then the markers; `y` the data tokens in order."
@@ -68,8 +68,8 @@ def build_copy_model(cell:str='minlstm',       # "minlstm", "mingru", "lstm" or 
                      vocab_size:int=VOCAB_SIZE,
                      units:int=64,             # model width
                      depth:int=3,              # residual blocks (the paper: 3)
-                     ff_mult:int=2,            # MLP width relative to `units`
-                     expansion_factor:float=1, # min-RNN state width relative to `units`
+                     ff_mult:int=2,            # MLP width relative to units
+                     expansion_factor:float=1, # min-RNN state width relative to units
                     )->keras.Model:            # ids (batch, L + K) -> logits (batch, K, vocab_size)
     "The paper's stacked min-RNN model for Selective Copying: logits for the data token at each marker."
     _check_cell(cell); L, K, V = _check_task(sequence_length, num_tokens, vocab_size)
@@ -129,7 +129,7 @@ NAMES = {'minlstm': 'minLSTM', 'mingru': 'minGRU', 'lstm': 'Keras LSTM', 'gru': 
 
 def copy_results(cells=CELLS, # the cells to train, in order
                  out=print,   # where each result's line goes (None: silent)
-                 **kwargs,    # `train_copy`'s settings, the same for every cell
+                 **kwargs,    # train_copy's settings, the same for every cell
                 )->list:
     "Train each of `cells` with `train_copy(**kwargs)`; a list of result dicts (without the models)."
     res = []
@@ -139,7 +139,7 @@ def copy_results(cells=CELLS, # the cells to train, in order
         res.append(r)
     return res
 
-def copy_table(results:list, # what `copy_results` returns
+def copy_table(results:list, # what copy_results returns
               )->str:        # a markdown table, ours beside the paper's
     "A markdown table of our results beside the paper's."
     r0 = results[0]

@@ -220,7 +220,7 @@ _ERRORS = ('strict', 'replace', 'ignore')
 def _check_errors(errors):
     if errors not in _ERRORS: raise ValueError(f'errors must be one of {_ERRORS}, not {errors!r}')
 
-def read_lines(paths,                # files (anything `text_files` takes)
+def read_lines(paths,                # files (anything text_files takes)
                errors:str='strict',  # non-UTF-8 bytes: "strict" (an error naming file and byte offset), "replace" or "ignore"
               )->Iterator[str]:      # lines with their line ends, file after file
     "Stream the lines of UTF-8 text files, one at a time (memory: one line)."

@@ -76,7 +76,7 @@ def initial_states(layer,       # a recurrent layer of the model (MinGRU, MinLST
 
 def rnn_step(layer,   # a recurrent layer of the model, or a ResidualBlock
              x,       # this step's input, (batch, features)
-             states,  # the layer's states, as `initial_states` gives them
+             states,  # the layer's states, as initial_states gives them
             )->tuple: # (output, new_states)
     "One step of a recurrent layer: `x` is `(batch, features)`; returns `(output, new_states)`."
     if isinstance(layer, (MinGRU, MinLSTM)):
@@ -95,13 +95,13 @@ def _check_cell(cell):
     if cell not in CELLS: raise ValueError(f'unknown cell {cell!r}: choose one of {", ".join(CELLS)}')
     return cell
 
-def build_model(vocab_size:int,        # ids the model reads and predicts (the tokenizer's `vocab_size`)
+def build_model(vocab_size:int,        # ids the model reads and predicts (the tokenizer's vocab_size)
                 cell:str='minlstm',    # "minlstm", "mingru", "lstm" or "gru"
                 units:int=10,          # features of the recurrent state (the model's width when depth > 1)
                 embedding_dim:int=8,   # features of each token's embedding
                 depth:int=1,           # 1: Embedding -> RNN -> Dense; more: that many residual blocks (the paper's)
-                expansion_factor:float=1, # min-RNN state width relative to `units` (the paper's), with an output projection
-                ff_mult:int=4,         # MLP width relative to `units` in residual blocks
+                expansion_factor:float=1, # min-RNN state width relative to units (the paper's), with an output projection
+                ff_mult:int=4,         # MLP width relative to units in residual blocks
                 mode:str='parallel',   # min-RNNs: "parallel" (scan) or "sequential" (step loop)
                 name:str|None=None,    # the model's name (default: "<cell>_lm")
                )->keras.Model:         # ids (batch, time) -> next-token logits (batch, vocab_size)
@@ -121,7 +121,7 @@ def build_model(vocab_size:int,        # ids the model reads and predicts (the t
 # %% ../nbs/04_training.ipynb #445e0ef0
 def epoch_dataset(X, y,                 # windows and targets (numpy)
                   batch_size:int,       # windows per batch
-                  epochs:int,           # last epoch (exclusive), as in `fit`
+                  epochs:int,           # last epoch (exclusive), as in fit
                   initial_epoch:int=0,  # first epoch, for a resumed run
                   seed:int=0,           # shuffle seed: epoch e is permuted by (seed, e) alone
                   shuffle:bool=True,    # shuffle every epoch

@@ -65,7 +65,7 @@ def make_dataset(X,                  # contexts, shape (n, seq_length)
                  batch_size:int=32,  # examples per batch (the last batch may be smaller)
                  shuffle:bool=True,  # reshuffle every epoch
                  seed:int|None=None, # shuffle seed, for the same order on every run
-                ):                   # a `tf.data.Dataset` of (X, y) batches
+                ):                   # a tf.data.Dataset of (X, y) batches
     "A batched, shuffled, prefetched `tf.data.Dataset` of `(X, y)` pairs."
     import tensorflow as tf
     X, y = np.asarray(X), np.asarray(y)
@@ -154,8 +154,8 @@ def _file_windows(path, tokenizer, lookup, seq_length, errors, unknown, chunk_li
     return (tf.data.TextLineDataset(path).batch(chunk_lines).enumerate().map(ids_of)
               .scan(tf.fill([seq_length], -1), seam).map(frames))
 
-def stream_windows(files,                 # anything `tokenize.text_files` takes
-                   tokenizer,             # a fitted Tokenizer (e.g. fitted on `read_lines(files)`)
+def stream_windows(files,                 # anything tokenize.text_files takes
+                   tokenizer,             # a fitted Tokenizer (e.g. fitted on read_lines(files))
                    seq_length:int=3,      # tokens of context before each target
                    errors:str='strict',   # non-UTF-8 bytes: "strict" (error), "replace" or "ignore"
                    unknown:str='error',   # tokens not in the vocabulary (tokenizer without oov_token): "error" or "drop"
@@ -190,7 +190,7 @@ def stream_batches(files, tokenizer, seq_length:int=3,
                    initial_epoch:int=0,      # first epoch
                    seed:int=0,               # epoch e is shuffled by (seed, e) alone
                    shuffle_buffer:int=10_000,# windows mixed by the shuffle (0: no shuffle)
-                   **kwargs,                 # for `stream_windows`: errors, unknown, chunk_lines, cycle_length
+                   **kwargs,                 # for stream_windows: errors, unknown, chunk_lines, cycle_length
                   ):
     "Shuffled, batched, prefetched windows of the files for epochs `initial_epoch` .. `epochs - 1`, each epoch one pass."
     import tensorflow as tf

@@ -6,19 +6,19 @@
 __all__ = ['tex_to_mathml', 'clean_markdown', 'terminal_outputs', 'offline_cells', 'sidebar_pages', 'build_docs', 'check_docs',
            'minlstm_docs']
 
-# %% ../nbs/90_docs.ipynb #d6fa5f52
+# %% ../nbs/90_docs.ipynb #bc0ba892
 import re, copy, html, shutil, tempfile
 from pathlib import Path
 from html.parser import HTMLParser
 from fastcore.script import call_parse
 
-# %% ../nbs/90_docs.ipynb #c7317a59
+# %% ../nbs/90_docs.ipynb #9692bf3d
 def tex_to_mathml(tex, display=False):
     "TeX (one formula, without the `$`) as MathML that browsers draw natively, with no script and no network."
     from latex2mathml.converter import convert
     return convert(tex.strip(), display='block' if display else 'inline').replace('\n', '')
 
-# %% ../nbs/90_docs.ipynb #7e17b551
+# %% ../nbs/90_docs.ipynb #30491a3a
 _MATH = re.compile(r'\$\$(.+?)\$\$|(?<![\\$\w])\$(?!\s)((?:[^$\n]|\n(?!\n))+?)(?<!\s)\$(?![\w$])', re.S)
 _CODE = re.compile(r'(^```.*?^```[ \t]*$|`+[^`\n]*?`+)', re.S | re.M)
 _SITE = re.compile(r'https://minlstm-nb\.github\.io/minlstm_nb/([\w.-]+\.html)')   # the website's own pages
@@ -35,7 +35,7 @@ def clean_markdown(md, pages=None):
     def code(s): return _SITE.sub(r'\1', s) if s.startswith('```') else s
     return ''.join(code(p) if i % 2 else text(p) for i, p in enumerate(_CODE.split(md)))
 
-# %% ../nbs/90_docs.ipynb #dc508ed2
+# %% ../nbs/90_docs.ipynb #d3645ed6
 def _directives(src):
     "Split a code cell into its `#| key: value` directives and the code after them."
     lines, d = src.splitlines(), {}
@@ -52,7 +52,7 @@ def _front_matter(nb):
             return c, yaml.safe_load(c.source.strip().strip('-')) or {}
     return None, {}
 
-# %% ../nbs/90_docs.ipynb #3981cfa2
+# %% ../nbs/90_docs.ipynb #745fcd04
 def terminal_outputs(outputs):
     "Stream outputs as a terminal leaves them: consecutive streams merged, each line what its last `\\r` or `\\b` rewrite left."
     merged = []
@@ -69,7 +69,7 @@ def terminal_outputs(outputs):
             o['text'] = '\n'.join(lines)
     return merged
 
-# %% ../nbs/90_docs.ipynb #7335bb13
+# %% ../nbs/90_docs.ipynb #e3e8946a
 def offline_cells(nb, pages):
     "A processed notebook's cells as the offline page shows them: title first, no front matter, no Quarto directives."
     from nbformat.v4 import new_markdown_cell
@@ -91,7 +91,7 @@ def offline_cells(nb, pages):
     nb.cells = cells
     return nb, fm.get('title', 'Untitled')
 
-# %% ../nbs/90_docs.ipynb #d49d8ba0
+# %% ../nbs/90_docs.ipynb #2ff69fb9
 _TEMPLATE = r"""{%- extends 'lab/index.html.j2' -%}
 {%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
 {%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
@@ -113,7 +113,7 @@ div.jp-RenderedMarkdown pre { background: #f5f5f5 !important; padding: .5rem .7r
 {%- block body_footer -%}{{ resources.pager }}{{ super() }}{%- endblock body_footer -%}
 """
 
-# %% ../nbs/90_docs.ipynb #f21d0330
+# %% ../nbs/90_docs.ipynb #aed260b2
 def sidebar_pages(nbs_path):
     "The pages in the order of `sidebar.yml`, as `(section, notebook)` pairs."
     import yaml
@@ -124,7 +124,7 @@ def sidebar_pages(nbs_path):
     side = yaml.safe_load((Path(nbs_path)/'sidebar.yml').read_text())
     return list(walk(side['website']['sidebar']['contents']))
 
-# %% ../nbs/90_docs.ipynb #e76e0481
+# %% ../nbs/90_docs.ipynb #d7c5b06d
 def _nav(order, titles, here, home):
     out, section = [f'<nav class="lessons"><a class="home" href="index.html">{html.escape(home)}</a>'], None
     for sec, nb in order[1:]:                                  # the first page (index) is the home link
@@ -144,7 +144,7 @@ def _lower_anchors(page):
     "Quarto's anchors are lower case (`cell.html#minlstm`); nbconvert keeps the heading's case: give each heading both."
     return re.sub(r'(<h[1-6] id="([^"]+)"[^>]*>)', lambda m: m[1] + (f'<a id="{m[2].lower()}"></a>' if m[2] != m[2].lower() else ''), page)
 
-# %% ../nbs/90_docs.ipynb #bb40b9a8
+# %% ../nbs/90_docs.ipynb #18b56e0b
 def build_docs(out='_docs_lite', quiet=True):
     "Build the course as plain HTML pages in `out`: nbdev's processed notebooks, math as MathML, nothing from the network."
     import nbformat
@@ -181,7 +181,7 @@ def build_docs(out='_docs_lite', quiet=True):
         if tmp.exists(): shutil.rmtree(tmp)
     return [out/pages[nb] for _, nb in order]
 
-# %% ../nbs/90_docs.ipynb #388851f6
+# %% ../nbs/90_docs.ipynb #76f2c998
 class _Page(HTMLParser):
     "What a reader sees of a page (text outside code, math, styles and scripts), its anchors and its links."
     def __init__(self):
@@ -200,7 +200,7 @@ _SHOWN = {'a Quarto directive': re.compile(r'^\s*#\|', re.M), 'front matter': re
           'a link attribute': re.compile(r'\{target=|\{\.'), 'raw TeX': re.compile(r'\$[^$\n]*[\\^_{}][^$\n]*\$|\\(frac|sigma|odot|tilde|text)\b'),
           'a show_doc call': re.compile(r'show_doc\(')}
 
-# %% ../nbs/90_docs.ipynb #25754d79
+# %% ../nbs/90_docs.ipynb #720cd3cb
 def check_docs(out='_docs_lite'):
     "Problems a reader would meet in the built pages: raw directives, front matter or TeX shown, links that lead nowhere."
     out, problems, seen = Path(out), [], {}
@@ -221,7 +221,7 @@ def check_docs(out='_docs_lite'):
             elif frag and frag not in target.ids: problems.append(f'{f}: dead link {href!r} (no anchor #{frag} in {page or f})')
     return problems
 
-
+# %% ../nbs/90_docs.ipynb #4c70e724
 def _import_quietly(module):
     "Import `module` with file descriptor 2 closed: TensorFlow prints CUDA and oneDNN lines there whatever its log level."
     import importlib, os
@@ -231,32 +231,7 @@ def _import_quietly(module):
     try: importlib.import_module(module)
     finally: os.dup2(fd, 2); os.close(fd); os.close(null)
 
-@call_parse
-def minlstm_docs(out:str='_docs_lite'): # directory for the pages (replaced only when every page is built)
-    "Build the course as HTML pages that read offline, then check them as a reader would; run it inside a clone of the repository."
-    import sys
-    try:
-        _import_quietly('tensorflow')                       # show_doc imports the module, hence TensorFlow: quietly, once
-        pages = build_docs(out)
-    except (ImportError, FileNotFoundError, ValueError) as e:
-        hint = ' (the docs need the dev extra: pip install -e ".[dev]")' if isinstance(e, ImportError) else ''
-        print(f'minlstm_docs: {e}{hint}', file=sys.stderr); sys.exit(2)
-    problems = check_docs(out)
-    for p in problems: print(f'minlstm_docs: {p}', file=sys.stderr)
-    print(f'{len(pages)} pages in {out}/, {len(problems)} problems; open {Path(out)/"index.html"}')
-    if problems: sys.exit(2)
-
-# %% ../nbs/90_docs.ipynb #e194c3ac
-def _import_quietly(module):
-    "Import `module` with file descriptor 2 closed: TensorFlow prints CUDA and oneDNN lines there whatever its log level."
-    import importlib, os
-    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-    fd, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 2)
-    try: importlib.import_module(module)
-    finally: os.dup2(fd, 2); os.close(fd); os.close(null)
-
-# %% ../nbs/90_docs.ipynb #7bc24e58
+# %% ../nbs/90_docs.ipynb #5096e0b3
 @call_parse
 def minlstm_docs(out:str='_docs_lite'): # directory for the pages (replaced only when every page is built)
     "Build the course as HTML pages that read offline, then check them as a reader would; run it inside a clone of the repository."

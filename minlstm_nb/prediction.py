@@ -151,11 +151,11 @@ def export(self:LanguageModel,
     return path
 
 # %% ../nbs/05_prediction.ipynb #795a5e6b
-def predict_main(model, prompt='recurrent neural networks', k=3, generate=0, temperature=1.0, top_k=None, seed=None, print=print):
+def predict_main(model, prompt='recurrent neural networks', k=3, generate=0, temperature=1.0, top_k=None, seed=None, unknown=None, print=print):
     "What `minlstm_predict` does, callable from Python."
     lm = LanguageModel.load(model)
-    top = lm.predict_next(prompt, k=k)
-    text = lm.generate(prompt, generate, temperature=temperature, seed=seed, top_k=top_k) if generate else None
+    top = lm.predict_next(prompt, k=k, unknown=unknown)
+    text = lm.generate(prompt, generate, temperature=temperature, seed=seed, top_k=top_k, unknown=unknown) if generate else None
     print(f'{prompt} -> ' + ', '.join(f'{w} ({p:.3f})' for w, p in top))
     if text is not None: print(f'{prompt} {text}')
     return top
@@ -180,8 +180,10 @@ def minlstm_predict(model:str,                                # a saved model fi
                     temperature:float=1.0,                    # sampling temperature (0: greedy)
                     top_k:int=None,                           # sample among the k likeliest only
                     seed:int=None,                            # sampling seed
+                    unknown:str=None,                         # words the model never saw: error (default), drop, or oov
                    ):
     "Print the likeliest next tokens after PROMPT, and optionally generate text, with a model saved by minlstm_train."
-    try: predict_main(model, prompt, k, generate, temperature, top_k, seed)
+    try: predict_main(model, prompt, k, generate, temperature, top_k, seed, unknown)
     except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f'minlstm_predict: error: {e}', file=sys.stderr); sys.exit(2)
+        hint = ' (on the command line: --unknown drop)' if 'unknown token' in str(e) and unknown is None else ''
+        print(f'minlstm_predict: error: {e}{hint}', file=sys.stderr); sys.exit(2)

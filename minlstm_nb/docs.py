@@ -145,7 +145,7 @@ def _lower_anchors(page):
     return re.sub(r'(<h[1-6] id="([^"]+)"[^>]*>)', lambda m: m[1] + (f'<a id="{m[2].lower()}"></a>' if m[2] != m[2].lower() else ''), page)
 
 # %% ../nbs/90_docs.ipynb #18b56e0b
-def build_docs(out='_docs_lite', quiet=True):
+def build_docs(out='_docs_lite'): # directory for the pages (replaced only when every page is built)
     "Build the course as plain HTML pages in `out`: nbdev's processed notebooks, math as MathML, nothing from the network."
     import nbformat
     from nbconvert import HTMLExporter
@@ -162,8 +162,8 @@ def build_docs(out='_docs_lite', quiet=True):
     if missing: raise ValueError(f'notebooks missing from {nbs/"sidebar.yml"}: {", ".join(missing)}')
     proc = Path(proc_nbs(force=True, n_workers=0))        # in this process: no worker pool (it may run inside one)
     books = {nb: nbformat.read(proc/nb, as_version=4) for _, nb in order}
-    titles = {nb: (_front_matter(b)[1].get('output-file', Path(nb).stem + '.html'),
-                   _front_matter(b)[1].get('title', nb)) for nb, b in books.items()}
+    fms = {nb: _front_matter(b)[1] for nb, b in books.items()}
+    titles = {nb: (fm.get('output-file', Path(nb).stem + '.html'), fm.get('title', nb)) for nb, fm in fms.items()}
     pages = {nb: t[0] for nb, t in titles.items()}
     exporter = HTMLExporter(extra_loaders=[DictLoader({'offline.html.j2': _TEMPLATE})], template_file='offline.html.j2',
                             exclude_input_prompt=True, exclude_output_prompt=True)
@@ -207,10 +207,11 @@ def check_docs(out='_docs_lite'):
     files = sorted(out.glob('*.html'))
     if not files: return [f'no HTML pages in {out}']
     for f in files:
-        p = _Page(); p.feed(f.read_text(encoding='utf-8')); seen[f.name] = p
+        h = f.read_text(encoding='utf-8')
+        p = _Page(); p.feed(h); seen[f.name] = p
         text = '\n'.join(p.text)
         problems += [f'{f.name}: shows {what}: {m.group(0)!r}' for what, rx in _SHOWN.items() if (m := rx.search(text))]
-        if '<title>' not in (h := f.read_text(encoding='utf-8')) or '<h1' not in h: problems.append(f'{f.name}: no title')
+        if '<title>' not in h or '<h1' not in h: problems.append(f'{f.name}: no title')
         if re.search(r'<(script|link)[^>]+(src|href)="https?://', h): problems.append(f'{f.name}: loads a script or style from the network')
     for f, p in seen.items():
         for href in p.links:

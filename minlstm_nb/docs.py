@@ -10,7 +10,7 @@ __all__ = ['tex_to_mathml', 'clean_markdown', 'terminal_outputs', 'offline_cells
 import re, copy, html, shutil, tempfile
 from pathlib import Path
 from html.parser import HTMLParser
-from fastcore.script import call_parse
+from fastcore.script import call_parse, store_true
 
 # %% ../nbs/90_docs.ipynb #9692bf3d
 def tex_to_mathml(tex, display=False):
@@ -234,7 +234,9 @@ def _import_quietly(module):
 
 # %% ../nbs/90_docs.ipynb #5096e0b3
 @call_parse
-def minlstm_docs(out:str='_docs_lite'): # directory for the pages (replaced only when every page is built)
+def minlstm_docs(out:str='_docs_lite',  # directory for the pages (replaced only when every page is built)
+                 verbose:store_true=False, # show TensorFlow's own log lines on stderr (also: MINLSTM_NB_VERBOSE=1)
+                ):
     "Build the course as HTML pages that read offline, then check them as a reader would; run it inside a clone of the repository."
     import sys
     try:

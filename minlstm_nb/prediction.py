@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 from fastcore.basics import patch
-from fastcore.script import call_parse, Param
+from fastcore.script import call_parse, Param, store_true
 from .cell import MinGRU, MinLSTM
 from .training import LanguageModel, ResidualBlock, initial_states, rnn_step
 from .tokenize import Tokenizer
@@ -164,6 +164,7 @@ def predict_main(model, prompt='recurrent neural networks', k=3, generate=0, tem
 def minlstm_export(model:str,      # a saved model file, or minlstm_train's output directory
                    out:str,        # the SavedModel directory to write (replaced if it is one already)
                    k:int=5,        # next tokens returned per prompt
+                   verbose:store_true=False, # show TensorFlow's own log lines on stderr (also: MINLSTM_NB_VERBOSE=1)
                   ):
     "Export a model saved by minlstm_train as a SavedModel that serves raw strings with plain TensorFlow."
     try:
@@ -181,6 +182,7 @@ def minlstm_predict(model:str,                                # a saved model fi
                     top_k:int=None,                           # sample among the k likeliest only
                     seed:int=None,                            # sampling seed
                     unknown:str=None,                         # words the model never saw: error (default), drop, or oov
+                    verbose:store_true=False, # show TensorFlow's own log lines on stderr (also: MINLSTM_NB_VERBOSE=1)
                    ):
     "Print the likeliest next tokens after PROMPT, and optionally generate text, with a model saved by minlstm_train."
     try: predict_main(model, prompt, k, generate, temperature, top_k, seed, unknown)

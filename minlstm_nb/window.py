@@ -8,7 +8,7 @@ __all__ = ['make_windows', 'split_windows', 'make_dataset', 'minlstm_data', 'str
 # %% ../nbs/01_window.ipynb #4cef6af1
 import sys
 import numpy as np
-from fastcore.script import call_parse
+from fastcore.script import call_parse, store_true
 from .tokenize import Tokenizer, sample_text, read_text
 
 # %% ../nbs/01_window.ipynb #c1888853
@@ -99,6 +99,7 @@ def minlstm_data(file:str=None,          # a UTF-8 text file (default: the built
                  level:str='word',       # "word" or "char"
                  seq_length:int=3,       # tokens of context before each target
                  val_fraction:float=0.1, # share of the text kept for validation
+                 verbose:store_true=False, # show TensorFlow's own log lines on stderr (also: MINLSTM_NB_VERBOSE=1)
                 ):
     "Tokenize and window a text, and print what was found."
     try:

@@ -40,6 +40,8 @@ def _build(name, source):
             cache = Path(os.environ.get('MINLSTM_NB_CACHE', Path.home()/'.cache'/'minlstm_nb'))
             so = cache/f'{name}_{key}.so'
             if not so.exists():
+                print(f'minlstm_nb: compiling the CPU kernel {name!r} with {os.environ.get("CXX", "g++")}, once for this machine '
+                      f'(15 to 40 s on two cores; cached in {cache})', file=sys.stderr, flush=True)
                 cache.mkdir(parents=True, exist_ok=True)
                 src, tmp = (cache/f'.{name}_{key}.{os.getpid()}{ext}' for ext in ('.cc', '.so'))   # this process's own files
                 src.write_text(source)

@@ -132,15 +132,25 @@ def _check_fitted(tok):
 # %% ../nbs/00_tokenize.ipynb #325f7206
 _FORMAT = 'minlstm_nb.Tokenizer'
 
+def _fsync_dir(d):
+    try: fd = os.open(d, os.O_RDONLY)
+    except OSError: return                        # (Windows cannot open a directory; its renames are journaled)
+    try: os.fsync(fd)
+    except OSError: pass
+    finally: os.close(fd)
+
 @contextmanager
-def atomic_write(path:str|os.PathLike): # the file to write
+def atomic_write(path:str|os.PathLike, # the file to write
+                 suffix:str='.tmp',      # the temporary file's ending (some writers insist on one, e.g. Keras on .keras)
+                ):
     "Yield a temporary path beside `path`; when the block succeeds, flush it to disk and move it over `path` in one step."
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent); os.close(fd)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix=suffix, dir=path.parent); os.close(fd)
     try:
         yield Path(tmp)
         with open(tmp, 'rb+') as f: os.fsync(f.fileno())
         os.replace(tmp, path)                     # atomic: readers see the old file or the new one, never a mix
+        _fsync_dir(path.parent)                   # and the rename itself survives a power cut
     except BaseException:
         if os.path.exists(tmp): os.unlink(tmp)
         raise

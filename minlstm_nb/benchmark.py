@@ -113,28 +113,39 @@ def run_benchmark(lengths=(64, 256, 512, 1024, 4096), # sequence lengths T
                   runs:int=7,                          # timed runs per measurement (3 for the slow step loops beyond T = 1024)
                   generation:bool=True,                # also measure generation speed
                   contenders=tuple(CONTENDERS),        # which to time
-                  log=print,                           # progress lines go here (None: silent)
+                  log=print,                           # a line per length goes here (None: silent)
+                  status=None,                         # called with what is being timed now, e.g. a StatusLine
                  )->dict:
     "Time every contender's training step at every length, side by side in one run; return every figure."
     level = tf.get_logger().level
     tf.get_logger().setLevel('ERROR')      # every measurement traces a fresh step: TensorFlow's retracing warning is expected
-    try: return _run(lengths, batch, units, runs, generation, contenders, log)
+    try: return _run(lengths, batch, units, runs, generation, contenders, log, status or (lambda text: None))
     finally: tf.get_logger().setLevel(level)
 
-def _run(lengths, batch, units, runs, generation, contenders, log):
+def _empty_step_ms(runs=50):
+    "Median milliseconds of calling an empty compiled step and copying out its result: the timer's floor here."
+    step = tf.function(lambda: [tf.constant(0.)]); _timed(step)
+    return float(np.median([_timed(step) for _ in range(runs)]))
+
+def _run(lengths, batch, units, runs, generation, contenders, log, status):
     res = dict(settings=dict(lengths=list(lengths), batch=batch, units=units, runs=runs),
                machine=dict(cpus=os.cpu_count(), platform=platform.platform(), tensorflow=tf.__version__,
                             keras=keras.__version__, parallel_path=explain('float32')[0]),
                train_step_ms={c: {} for c in contenders}, spread_ms={c: {} for c in contenders},
                peak_memory_mb={c: {} for c in contenders})
+    res['resolution_ms'] = 10*_empty_step_ms()   # a step under ten empty calls' time is mostly the cost of calling it
     t_start = time.perf_counter()
     for T in lengths:
         x = tf.random.normal((batch, T, units), seed=T)
-        steps = {c: _train_step(CONTENDERS[c](units), x, jit_compile=c.endswith('_xla')) for c in contenders}
+        steps = {}
+        for j, c in enumerate(contenders):
+            status(f'T={T}: tracing {c} ({j + 1}/{len(contenders)})')
+            steps[c] = _train_step(CONTENDERS[c](units), x, jit_compile=c.endswith('_xla'))
         peaks = {c: _peak_mb(steps[c], x) for c in contenders}
         n = {c: 3 if (c.endswith('sequential') or c.startswith('keras')) and T > 1024 else runs for c in contenders}
         times = {c: [] for c in contenders}
         for i in range(runs):             # round robin: a burst of load on the shared machine hits every contender alike
+            status(f'T={T}: timing every contender, round {i + 1}/{runs}')
             for c in contenders:
                 if i < n[c]: times[c].append(_timed(steps[c], x))
         for c in contenders:
@@ -147,7 +158,9 @@ def _run(lengths, batch, units, runs, generation, contenders, log):
     res['ratios'] = {r: {T: res['train_step_ms'][a][T]/res['train_step_ms'][b][T] for T in lengths}
                      for r, (a, b) in RATIOS.items() if a in contenders and b in contenders}
     if generation:
-        res['generation_tokens_per_s'] = {c: generation_speed(c, units) for c in ('minlstm', 'mingru', 'lstm', 'gru')}
+        res['generation_tokens_per_s'] = {}
+        for c in ('minlstm', 'mingru', 'lstm', 'gru'):
+            status(f'generation speed: {c}'); res['generation_tokens_per_s'][c] = generation_speed(c, units)
     res['seconds'] = time.perf_counter() - t_start
     return res
 
@@ -166,9 +179,15 @@ def format_table(res:dict, # what run_benchmark returns
               'portable_over_kernel': 'portable / kernel', 'portable_xla_over_kernel': 'portable XLA / kernel',
               'lstm_over_portable': 'LSTM / portable',
               'minlstm_over_floor': 'minLSTM / its 3 Dense', 'mingru_over_floor': 'minGRU / its 2 Dense'}
-    lines += ['ratios (x, same run)'] + [f'{labels[r]:>22}' + ''.join(f'{v[T]:>10.1f}' for T in Ts) for r, v in res['ratios'].items()]
+    floor = res.get('resolution_ms', 0)
+    resolved = lambda r, T: all(tms[c][T] >= floor for c in RATIOS[r])      # both timings above the timer's floor
+    cell = lambda ok, v: f'{v:>10.1f}' if ok else f'{"-":>10}'
+    lines += ['ratios (x, same run)'] + [f'{labels[r]:>22}' + ''.join(cell(resolved(r, T), v[T]) for T in Ts) for r, v in res['ratios'].items()]
     if any(v is not None for m in res['peak_memory_mb'].values() for v in m.values()):
-        lines += ['peak memory of a step (MB)'] + [f'{c:>22}' + ''.join(f'{m[T]:>10.1f}' for T in Ts) for c, m in res['peak_memory_mb'].items()]
+        lines += ['peak memory of a step (MB)'] + [f'{c:>22}' + ''.join(cell(m[T] >= 0.05, m[T]) for T in Ts) for c, m in res['peak_memory_mb'].items()]
+    low_memory = any(v is not None and v < 0.05 for m in res['peak_memory_mb'].values() for v in m.values())
+    if any(not resolved(r, T) for r in res['ratios'] for T in Ts) or low_memory:
+        lines += [f'-: below resolution (a ratio of steps under {floor:.1f} ms, ten times the cost of calling an empty compiled step here; memory under 0.05 MB)']
     if 'generation_tokens_per_s' in res:
         lines += ['generation, step mode, batch 1: ' + ', '.join(f'{c} {v:,.0f} tokens/s' for c, v in res['generation_tokens_per_s'].items())]
     return '\n'.join(lines)
@@ -231,6 +250,7 @@ def minlstm_bench(lengths:str='64,256,512,1024,4096', # comma-separated sequence
                   json:str=None,                       # also write every figure to this JSON file
                   no_generation:store_true=False,      # skip the generation-speed measurement
                   breakdown:store_true=False,          # also split minLSTM's step into its parts at the longest length
+                  verbose:store_true=False, # show TensorFlow's own log lines on stderr (also: MINLSTM_NB_VERBOSE=1)
                  ):
     "Benchmark minLSTM/minGRU training (parallel and sequential) against Keras LSTM/GRU and the projections' floor."
     try:
@@ -240,11 +260,19 @@ def minlstm_bench(lengths:str='64,256,512,1024,4096', # comma-separated sequence
         print(f'minlstm_bench: error: --lengths must be positive integers separated by commas, got {lengths!r}', file=sys.stderr); sys.exit(2)
     for name, v in (('batch', batch), ('units', units), ('runs', runs)):
         if v < 1: print(f'minlstm_bench: error: --{name} must be at least 1, got {v}', file=sys.stderr); sys.exit(2)
-    res = run_benchmark(Ts, batch, units, runs, generation=not no_generation)
-    print(format_table(res))
+    from .cli import StatusLine
+    status = StatusLine()
+    res = run_benchmark(Ts, batch, units, runs, generation=not no_generation, log=lambda line: (status.clear(), print(line)), status=status)
+    status.clear(); print(format_table(res))
     if breakdown:
+        status(f'timing the parts of a minLSTM step at T={max(Ts)}')
         b = res['breakdown'] = step_breakdown(max(Ts), batch, units)
-        print(f"minLSTM step at T={max(Ts)}: {b['layer_ms']:.1f} ms; its projections alone {b['projections_ms']:.1f} ms; kernel and loss "
-              f"{b['kernel_and_loss_ms']:.1f} ms (loss {b['loss_ms']:.1f} ms); the kernel's traffic needs {b['kernel_traffic_bound_ms']:.1f} ms "
-              f"at {b['bandwidth_gb_s']:.1f} GB/s")
+        status.clear()
+        if b['layer_ms'] < res['resolution_ms']:
+            print(f"minLSTM step at T={max(Ts)}: {b['layer_ms']:.1f} ms, below resolution ({res['resolution_ms']:.1f} ms): "
+                  f"its parts are not resolved at this size; try a longer --lengths")
+        else:
+            print(f"minLSTM step at T={max(Ts)}: {b['layer_ms']:.1f} ms; its projections alone {b['projections_ms']:.1f} ms; kernel and loss "
+                  f"{b['kernel_and_loss_ms']:.1f} ms (loss {b['loss_ms']:.1f} ms); the kernel's traffic needs {b['kernel_traffic_bound_ms']:.1f} ms "
+                  f"at {b['bandwidth_gb_s']:.1f} GB/s")
     if json: print(f'wrote {_write_json(json, res)}')

@@ -57,6 +57,7 @@ COMMANDS = {   # console script -> the function it runs
     'minlstm_export': 'minlstm_nb.prediction:minlstm_export',
     'minlstm_bench': 'minlstm_nb.benchmark:minlstm_bench',
     'minlstm_docs': 'minlstm_nb.docs:minlstm_docs',
+    'minlstm_lm': 'minlstm_nb.lm_compare:minlstm_lm',
 }
 
 def verbose_requested(argv:list)->bool:
@@ -84,6 +85,7 @@ def predict(): launch('minlstm_predict')
 def export(): launch('minlstm_export')
 def bench(): launch('minlstm_bench')
 def docs(): launch('minlstm_docs')
+def lm(): launch('minlstm_lm')
 
 # %% ../nbs/91_cli.ipynb #6b0ade2f
 class StatusLine:

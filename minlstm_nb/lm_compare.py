@@ -265,7 +265,7 @@ def time_to_reach(curve:list, # [(step, seconds, validation loss)], as train_lm 
 
 # %% ../nbs/09_language_model.ipynb #45ca05fc
 def compare_lm(corpus, contexts=(256, 1024), kinds=KINDS, out=print, status=None, **kwargs)->list:
-    "Train every model of `kinds` at every context length with the same settings (`train_lm`'s); results without the models' weights."
+    "Train every model of `kinds` at every context length with the same settings (`train_lm`'s); each result keeps its trained model under `'model'`."
     res = []
     for T in contexts:
         for k in kinds:

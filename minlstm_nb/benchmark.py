@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 from fastcore.script import call_parse, store_true
-from .kernels import explain
+from .kernels import explain, cpu_model, kernel_status, forget_kernel, print_kernel_report
 from .cell import MinGRU, MinLSTM, min_rnn_scan
 from .training import build_model
 from .prediction import step_function, model_initial_states
@@ -127,10 +127,14 @@ def _empty_step_ms(runs=50):
     step = tf.function(lambda: [tf.constant(0.)]); _timed(step)
     return float(np.median([_timed(step) for _ in range(runs)]))
 
+def _kernel_flags():
+    st = kernel_status(build=False)
+    return ' '.join(st['flags']) if st['status'] == 'built' else None
+
 def _run(lengths, batch, units, runs, generation, contenders, log, status):
     res = dict(settings=dict(lengths=list(lengths), batch=batch, units=units, runs=runs),
-               machine=dict(cpus=os.cpu_count(), platform=platform.platform(), tensorflow=tf.__version__,
-                            keras=keras.__version__, parallel_path=explain('float32')[0]),
+               machine=dict(cpu=cpu_model(), cpus=os.cpu_count(), platform=platform.platform(), tensorflow=tf.__version__,
+                            keras=keras.__version__, parallel_path=explain('float32')[0], kernel_flags=_kernel_flags()),
                train_step_ms={c: {} for c in contenders}, spread_ms={c: {} for c in contenders},
                peak_memory_mb={c: {} for c in contenders})
     res['resolution_ms'] = 10*_empty_step_ms()   # a step under ten empty calls' time is mostly the cost of calling it
@@ -171,7 +175,8 @@ def format_table(res:dict, # what run_benchmark returns
     Ts, tms = res['settings']['lengths'], res['train_step_ms']
     s = res['settings']
     lines = [f"training step (forward + backward), batch {s['batch']}, {s['units']} units, median ms "
-             f"({res['machine']['cpus']} CPUs, TensorFlow {res['machine']['tensorflow']}, parallel path: {res['machine']['parallel_path']})",
+             f"({res['machine'].get('cpu', 'a CPU')}, {res['machine']['cpus']} cores, TensorFlow {res['machine']['tensorflow']}, "
+             f"parallel path: {res['machine']['parallel_path']}" + (f" built with {res['machine']['kernel_flags']}" if res['machine'].get('kernel_flags') else '') + ")",
              f"{'T':>22}" + ''.join(f'{T:>10}' for T in Ts)]
     lines += [f'{c:>22}' + ''.join(f'{tms[c][T]:>10.1f}' for T in Ts) for c in tms]
     labels = {'minlstm_seq_over_par': 'minLSTM seq / par', 'mingru_seq_over_par': 'minGRU seq / par',
@@ -250,9 +255,19 @@ def minlstm_bench(lengths:str='64,256,512,1024,4096', # comma-separated sequence
                   json:str=None,                       # also write every figure to this JSON file
                   no_generation:store_true=False,      # skip the generation-speed measurement
                   breakdown:store_true=False,          # also split minLSTM's step into its parts at the longest length
+                  explain:store_true=False,            # only say which path runs here: CPU, compiler, how the kernel was built
+                  rebuild:store_true=False,            # forget this machine's kernel build (or recorded failure), build anew, explain
+                  require_kernel:store_true=False,     # with --explain: exit 1 if the kernel cannot be built here (for CI)
                   verbose:store_true=False, # show TensorFlow's own log lines on stderr (also: MINLSTM_NB_VERBOSE=1)
                  ):
     "Benchmark minLSTM/minGRU training (parallel and sequential) against Keras LSTM/GRU and the projections' floor."
+    if explain or rebuild or require_kernel:
+        if rebuild:
+            for name in ('gate_scan', 'linear_scan'): forget_kernel(name)
+        st = kernel_status('gate_scan')
+        print_kernel_report(st)
+        if require_kernel and st['status'] != 'built': sys.exit(1)
+        return
     try:
         Ts = [int(t) for t in lengths.split(',')]
         if not Ts or min(Ts) < 1: raise ValueError

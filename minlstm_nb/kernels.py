@@ -641,7 +641,7 @@ def rule_table(kernel_available:bool)->list:
     "(situation, implementation, reason) for the situations a user meets, on a machine with or without the kernel."
     return [(k, *choose_implementation(**{'kernel_available': kernel_available, **kw})) for k, kw in SITUATIONS.items()]
 
-def print_kernel_report(st:dict): # from `kernel_status`
+def print_kernel_report(st:dict): # what kernel_status returns
     "The report `minlstm_bench --explain` prints: CPU, compiler, how the kernel was built or why not, where each call runs."
     print(f"CPU          {st['cpu']} ({st['machine']}, {st['cores']} cores)")
     print(f"features     {' '.join(st['simd']) or '(not reported)'}" + ('' if 'avx512_fp16' in st['simd'] or st['machine'] != 'x86_64' else '; no avx512_fp16'))

@@ -255,6 +255,34 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         with atomic_write(self.directory/f'epoch-{epoch + 1:04d}.keras', suffix='.keras') as tmp:   # temporary name, fsync, rename
             self.model.save(tmp)
 
+# %% ../nbs/04_training.ipynb #385ad7f9
+def _is_number(v):
+    try: float(v); return True
+    except ValueError: return v in ('', 'NA')
+
+def _read_history(log):
+    "The header and whole rows of a run's history.csv; rows a kill cut short are dropped, with a one-line warning."
+    try: text = Path(log).read_bytes().decode('utf-8', 'replace')
+    except OSError: text = ''
+    lines = text.splitlines(keepends=True)
+    whole = [l for l in lines if l.endswith('\n')]               # a row is complete once its line ends (CSVLogger flushes rows whole)
+    try: rows = list(csv.reader(whole))
+    except csv.Error: rows = []
+    header = rows[0] if rows and 'epoch' in rows[0] else []
+    good = [r for r in rows[1:] if header and len(r) == len(header) and all(map(_is_number, r))]
+    dropped = len(lines) - len(good) - bool(header)
+    if dropped:
+        warnings.warn(f'{log}: dropped {dropped} damaged line(s), as a run stopped mid-write leaves them; the history lacks '
+                      + ('those epochs' if header else 'everything before this run (its header was damaged too)'))
+    return header, good
+
+def _write_history(log, header, rows):
+    "Write history.csv whole, atomically (an empty file when there is no header: Keras' CSVLogger then writes one)."
+    tmp = Path(log).with_name(f'.{Path(log).name}.{os.getpid()}.tmp')
+    with tmp.open('w', newline='') as f:
+        if header: csv.writer(f, lineterminator='\r\n').writerows([header, *rows])
+    os.replace(tmp, log)
+
 # %% ../nbs/04_training.ipynb #1d58796f
 def fit_language_model(text:str|None=None,       # the training text (or give files=)
                        *,
@@ -326,9 +354,10 @@ def fit_language_model(text:str|None=None,       # the training text (or give fi
                     raise ValueError(f'the checkpoint in {str(ckpt)!r} was trained with another vocabulary: resume with the same text')
                 with strategy.scope(): model = keras.saving.load_model(path)
         log = ckpt/'history.csv'
-        if log.exists():   # keep the history of the epochs the checkpoint holds, drop any logged after it
-            rows = list(csv.reader(log.open())) if initial_epoch else []
-            with log.open('w', newline='') as f: csv.writer(f).writerows(rows[:initial_epoch + 1])
+        if log.exists():   # keep the history of the epochs the checkpoint holds, drop any logged after it (or damaged)
+            header, rows = _read_history(log)
+            e = header.index('epoch') if header else 0
+            _write_history(log, header, [r for r in rows if int(float(r[e])) < initial_epoch] if initial_epoch else [])
         tokenizer.save(ckpt/'tokenizer.json')
         every = checkpoint_every or max(1, epochs // 10)
         callbacks += [AtomicCheckpoint(ckpt, every), keras.callbacks.CSVLogger(str(log), append=True)]
@@ -356,11 +385,10 @@ def fit_language_model(text:str|None=None,       # the training text (or give fi
         else: history = model.fit(data(initial_epoch), epochs=epochs, initial_epoch=initial_epoch,
                             steps_per_epoch=steps, validation_data=val, callbacks=callbacks, verbose=verbose, shuffle=False)  # epoch_dataset shuffles
     if checkpoint_dir is not None and (Path(checkpoint_dir)/'history.csv').exists():   # the whole run's history, resumed or not
-        with (Path(checkpoint_dir)/'history.csv').open() as f:
-            rows = list(csv.DictReader(f))
+        header, rows = _read_history(Path(checkpoint_dir)/'history.csv')
         num = lambda v: float('nan') if v in ('', 'NA') else float(v)
-        history.history = {k: [num(r[k]) for r in rows] for k in (rows[0] if rows else {})
-                           if k != 'epoch' and any(r[k] not in ('', 'NA') for r in rows)}
+        if rows: history.history = {k: [num(r[i]) for r in rows] for i, k in enumerate(header)
+                                    if k != 'epoch' and any(r[i] not in ('', 'NA') for r in rows)}
     return LanguageModel(model, tokenizer, seq_length, config, history)
 
 # %% ../nbs/04_training.ipynb #321e3315

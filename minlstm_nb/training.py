@@ -269,7 +269,8 @@ def _read_history(log):
     try: rows = list(csv.reader(whole))
     except csv.Error: rows = []
     header = rows[0] if rows and 'epoch' in rows[0] else []
-    good = [r for r in rows[1:] if header and len(r) == len(header) and all(map(_is_number, r))]
+    good = [r for r in rows[1:] if header and len(r) == len(header) and all(map(_is_number, r))
+            and r[header.index('epoch')] not in ('', 'NA')]                  # a row says which epoch it is
     dropped = len(lines) - len(good) - bool(header)
     if dropped:
         warnings.warn(f'{log}: dropped {dropped} damaged line(s), as a run stopped mid-write leaves them; the history lacks '

@@ -58,6 +58,7 @@ COMMANDS = {   # console script -> the function it runs
     'minlstm_bench': 'minlstm_nb.benchmark:minlstm_bench',
     'minlstm_docs': 'minlstm_nb.docs:minlstm_docs',
     'minlstm_lm': 'minlstm_nb.lm_compare:minlstm_lm',
+    'minlstm_faults': 'minlstm_nb.faults:minlstm_faults',
 }
 
 def verbose_requested(argv:list)->bool:
@@ -86,6 +87,7 @@ def export(): launch('minlstm_export')
 def bench(): launch('minlstm_bench')
 def docs(): launch('minlstm_docs')
 def lm(): launch('minlstm_lm')
+def faults(): launch('minlstm_faults')
 
 # %% ../nbs/91_cli.ipynb #6b0ade2f
 class StatusLine:

@@ -16,6 +16,7 @@ from fastcore.script import call_parse, Param, store_true
 from .cell import MinGRU, MinLSTM
 from .training import LanguageModel, ResidualBlock, initial_states, rnn_step
 from .tokenize import Tokenizer
+from .faults import fault_point, is_disk_full, disk_full, temp_prefix, remove_stale_temps, _TMP, _alive
 
 # %% ../nbs/05_prediction.ipynb #116d10db
 def _prompt_ids(lm, text, unknown=None):
@@ -136,19 +137,32 @@ def export(self:LanguageModel,
     if not path.parent.is_dir(): raise FileNotFoundError(f'cannot export to {str(path)!r}: directory {str(path.parent)!r} does not exist')
     if path.exists() and not (path/'saved_model.pb').exists():
         raise ValueError(f'{str(path)!r} exists and is not a SavedModel: refusing to replace it')
+    _recover_export(path)
     served = _Served(self, int(k))
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{path.name}.', dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), dir=path.parent))
     try:
         logger, level = tf.get_logger(), tf.get_logger().level
         logger.setLevel('ERROR')                         # TensorFlow logs "Assets written to ..." at INFO level
-        try: tf.saved_model.save(served, str(tmp/'model'), signatures={'serving_default': served.serve})
+        try:
+            tf.saved_model.save(served, str(tmp/'model'), signatures={'serving_default': served.serve})
+            fault_point('export', tmp/'model')
+        except Exception as e:
+            if not is_disk_full(e): raise
+            raise disk_full(path, sum(p.stat().st_size for p in tmp.rglob('*') if p.is_file()), at_least=True) from e
         finally: logger.setLevel(level)
         old = None
-        if path.exists(): old = path.with_name(f'.{path.name}.old.{os.getpid()}'); os.replace(path, old)
-        os.replace(tmp/'model', path)
+        if path.exists(): old = path.with_name(temp_prefix(path) + 'old'); os.replace(path, old)   # the last export, moved aside
+        os.replace(tmp/'model', path)                    # (a kill between these two renames: _recover_export puts it back)
         if old is not None: shutil.rmtree(old)
     finally: shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+def _recover_export(path):
+    "Clean up after an export killed midway: put back the last export if it was moved aside, delete the temporaries."
+    for old in path.parent.glob(f'.{path.name}.tmp*.old'):
+        m = _TMP.search(old.name)
+        if m and not _alive(int(m.group(1))) and not path.exists(): os.replace(old, path)
+    remove_stale_temps(path.parent, path.name)
 
 # %% ../nbs/05_prediction.ipynb #795a5e6b
 def predict_main(model, prompt='recurrent neural networks', k=3, generate=0, temperature=1.0, top_k=None, seed=None, unknown=None, print=print):
@@ -172,6 +186,9 @@ def minlstm_export(model:str,      # a saved model file, or minlstm_train's outp
         print(f'wrote {path}: serving_default(text) -> tokens, probabilities (top {k})')
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f'minlstm_export: error: {e}', file=sys.stderr); sys.exit(2)
+    except OSError as e:
+        if not is_disk_full(e): raise
+        print(f'minlstm_export: error: {e}; an export there before is left as it was: free some space and run it again', file=sys.stderr); sys.exit(2)
 
 @call_parse
 def minlstm_predict(model:str,                                # a saved model file, or minlstm_train's output directory

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 from fastcore.basics import patch
+from .faults import fault_point, is_disk_full, disk_full, DiskFullError, temp_prefix
 
 # %% ../nbs/00_tokenize.ipynb #1d57fc84
 def sample_text()->str:
@@ -142,17 +143,25 @@ def _fsync_dir(d):
 @contextmanager
 def atomic_write(path:str|os.PathLike, # the file to write
                  suffix:str='.tmp',      # the temporary file's ending (some writers insist on one, e.g. Keras on .keras)
+                 point:str='file',       # the name of this write for a fault campaign (lesson 8a)
+                 need=None,              # its size in bytes, or a function giving it, for the full-disk error
                 ):
-    "Yield a temporary path beside `path`; when the block succeeds, flush it to disk and move it over `path` in one step."
+    """Yield a temporary path beside `path`; when the block succeeds, flush it to disk and move it over `path` in one
+    step. A full disk raises `DiskFullError`, naming `path` and the bytes it needed; `path` is left as it was."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix=suffix, dir=path.parent); os.close(fd)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=suffix, dir=path.parent); os.close(fd)
     try:
         yield Path(tmp)
+        fault_point(point, tmp)                   # (where a fault campaign strikes, when one asks to)
         with open(tmp, 'rb+') as f: os.fsync(f.fileno())
         os.replace(tmp, path)                     # atomic: readers see the old file or the new one, never a mix
         _fsync_dir(path.parent)                   # and the rename itself survives a power cut
-    except BaseException:
+    except BaseException as e:
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
         if os.path.exists(tmp): os.unlink(tmp)
+        if is_disk_full(e) and not isinstance(e, DiskFullError):
+            if need is None and path.exists(): need = path.stat().st_size      # as big as the file it replaces
+            raise disk_full(path, need if need is not None else written, at_least=need is None) from e
         raise
 
 @patch
@@ -163,7 +172,7 @@ def save(self:Tokenizer, path:str|os.PathLike)->Path:
     vocab = [w for w in self.word_index if w != self.oov_token]
     data = dict(format=_FORMAT, version=1, level=self.level, lower=self.lower, filters=self.filters,
                 oov_token=self.oov_token, counts=[[w, self.word_counts[w]] for w in vocab])
-    with atomic_write(path) as tmp: tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding='utf-8')
+    with atomic_write(path, point='tokenizer') as tmp: tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding='utf-8')
     return path
 
 @patch(cls_method=True)

@@ -333,13 +333,14 @@ def _last_line_bytes(p)->int:
 class HistoryLog(keras.callbacks.CSVLogger):
     "Keras' `CSVLogger`, appending a row per epoch; a full disk raises `DiskFullError` (the rows before stay whole)."
     def on_epoch_end(self, epoch, logs=None):
-        try: super().on_epoch_end(epoch, logs)
+        try:
+            super().on_epoch_end(epoch, logs)
+            fault_point('history', self.filename, keep=lambda: os.path.getsize(self.filename) - _last_line_bytes(self.filename) // 2)
         except OSError as e:
             if not is_disk_full(e): raise
             try: self.csv_file.close()                       # drop the row that did not fit, not at exit with a second error
             except OSError: pass
             raise disk_full(self.filename, need=lambda: 2 * _last_line_bytes(self.filename)) from e
-        fault_point('history', self.filename, keep=lambda: os.path.getsize(self.filename) - _last_line_bytes(self.filename) // 2)
 
 def _history_dict(header, rows)->dict:
     "History rows as Keras' `History.history`: a list per metric (columns CSVLogger leaves empty are left out)."

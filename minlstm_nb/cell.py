@@ -148,10 +148,12 @@ def min_rnn_scan(ks,          # pre-activations: [k_f, k_i, k_h] (minLSTM) or [k
     if biases is not None and len(biases) != len(ks): raise ValueError(f'biases must hold one vector per pre-activation ({len(ks)}), got {len(biases)}')
     ks = [ops.convert_to_tensor(k) for k in ks]
     h0 = ops.zeros_like(ks[0][:, 0]) if h0 is None else ops.cast(h0, ks[0].dtype)
-    if backend != 'portable':
+    if backend != 'portable' and keras.backend.backend() == 'tensorflow':
         from minlstm_nb import kernels     # the accelerator's lesson comes after this one: imported when first needed
         h = kernels.fused_gate_scan(ks, h0, mask, biases, forced=backend == 'kernel')   # None where it steps aside
         if h is not None: return h
+    elif backend == 'kernel':              # the kernel is a TensorFlow op: on JAX or PyTorch nothing imports TensorFlow
+        raise ValueError(f'backend="kernel" cannot run here: the {keras.backend.backend()} backend runs the keras.ops path')
     if biases is not None: ks = [k + ops.cast(b, k.dtype) for k, b in zip(ks, biases)]
     return gate_scan(ks, h0, mask, method)
 
@@ -166,6 +168,8 @@ class _MinRNN(keras.layers.Layer):
         self.units = _check_units(units)
         if mode not in ('parallel', 'sequential'): raise ValueError(f'mode must be "parallel" or "sequential", not {mode!r}')
         if backend not in BACKENDS: raise ValueError(f'backend must be "kernel", "portable" or None, not {backend!r}')
+        if backend == 'kernel' and keras.backend.backend() != 'tensorflow':   # the kernel is a TensorFlow op
+            raise ValueError(f'backend="kernel" cannot run here: the {keras.backend.backend()} backend runs the keras.ops path (use None or "portable")')
         if isinstance(expansion_factor, bool) or not isinstance(expansion_factor, (int, float)) or not expansion_factor >= 1:
             raise ValueError(f'expansion_factor must be a number >= 1, got {expansion_factor!r}')
         self.return_sequences, self.return_state, self.mode = bool(return_sequences), bool(return_state), mode

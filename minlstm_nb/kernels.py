@@ -579,7 +579,10 @@ SITUATIONS = {   # situations a user meets -> what the backend rule is told ther
     'a TPU is visible, inside XLA': dict(devices=('CPU', 'TPU'), xla=True),
     'tracing for export': dict(exporting=True),
     'float16 scan': dict(dtype='float16'),
-    'the JAX backend': dict(keras_backend='jax'),
+    'the JAX backend, a CPU': dict(keras_backend='jax'),
+    'the JAX backend, a GPU': dict(keras_backend='jax', devices=('CPU', 'GPU')),
+    'the JAX backend, a TPU': dict(keras_backend='jax', devices=('CPU', 'TPU')),
+    'the PyTorch backend, a GPU': dict(keras_backend='torch', devices=('CPU', 'GPU')),
     'no kernel built here': dict(kernel_available=False),
     'backend="portable"': dict(backend='portable'),
 }

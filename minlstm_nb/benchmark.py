@@ -258,9 +258,13 @@ def minlstm_bench(lengths:str='64,256,512,1024,4096', # comma-separated sequence
                   explain:store_true=False,            # only say which path runs here: CPU, compiler, how the kernel was built
                   rebuild:store_true=False,            # forget this machine's kernel build (or recorded failure), build anew, explain
                   require_kernel:store_true=False,     # with --explain: exit 1 if the kernel cannot be built here (for CI)
+                  device:store_true=False,             # time on Keras' backend and device instead (JAX, a GPU): lesson 6a, its own options
                   verbose:store_true=False, # show TensorFlow's own log lines on stderr (also: MINLSTM_NB_VERBOSE=1)
                  ):
     "Benchmark minLSTM/minGRU training (parallel and sequential) against Keras LSTM/GRU and the projections' floor."
+    if device:   # the console script routes --device before this module (and TensorFlow) is imported; a direct call lands here
+        from minlstm_nb.device_bench import minlstm_bench_device
+        return minlstm_bench_device.__wrapped__(device=True)
     if explain or rebuild or require_kernel:
         if rebuild:
             for name in ('gate_scan', 'linear_scan'): forget_kernel(name)

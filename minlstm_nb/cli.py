@@ -7,7 +7,7 @@ __all__ = ['FRAMEWORK_LOG', 'COMMANDS', 'is_framework_log', 'FilteredStderr', 'v
            'readme_blocks', 'example_commands']
 
 # %% ../nbs/91_cli.ipynb #279c0d5f
-import os, re, sys, threading, time, importlib, warnings
+import os, re, sys, json, threading, time, importlib, warnings
 from pathlib import Path
 from fastcore.script import anno_parser
 
@@ -65,9 +65,9 @@ def verbose_requested(argv:list)->bool:
     "Did the user ask to see the framework's log lines (`--verbose`, or `MINLSTM_NB_VERBOSE` set to anything but 0)?"
     return '--verbose' in argv or os.environ.get('MINLSTM_NB_VERBOSE', '0') not in ('', '0')
 
-def launch(command:str):
-    "Run console script `command` (a key of `COMMANDS`), its stderr filtered of TensorFlow's log lines unless verbose."
-    module, func = COMMANDS[command].split(':')
+def launch(command:str, target:str|None=None):
+    "Run console script `command` (a key of `COMMANDS`, or `target` in its name), its stderr filtered of TensorFlow's log lines unless verbose."
+    module, func = (target or COMMANDS[command]).split(':')
     warnings.formatwarning = lambda msg, *_, **__: f'{command}: warning: {msg}\n'   # one plain line, like our errors
     def run():
         f = getattr(importlib.import_module(module), func)
@@ -80,11 +80,24 @@ def launch(command:str):
 
 # %% ../nbs/91_cli.ipynb #18786593
 # the console scripts' entry points (settings.ini), one per command
+DEVICE_BENCH = 'minlstm_nb.device_bench:minlstm_bench_device'   # minlstm_bench --device: needs Keras only (lesson 6a)
+
+def keras_backend()->str:
+    "The backend Keras will load, read as Keras reads it (KERAS_BACKEND, else ~/.keras/keras.json), without importing Keras."
+    if os.environ.get('KERAS_BACKEND'): return os.environ['KERAS_BACKEND']
+    cfg = Path(os.environ.get('KERAS_HOME', Path.home()/'.keras'))/'keras.json'
+    try: return json.loads(cfg.read_text()).get('backend', 'tensorflow')
+    except (OSError, ValueError, AttributeError): return 'tensorflow'
+
+def device_bench_requested(argv:list)->bool:
+    "Does `minlstm_bench` run lesson 6a's benchmark: asked for with `--device`, or Keras is set to a backend other than TensorFlow?"
+    return '--device' in argv or keras_backend() != 'tensorflow'
+
 def data(): launch('minlstm_data')
 def train(): launch('minlstm_train')
 def predict(): launch('minlstm_predict')
 def export(): launch('minlstm_export')
-def bench(): launch('minlstm_bench')
+def bench(): launch('minlstm_bench', DEVICE_BENCH if device_bench_requested(sys.argv[1:]) else None)
 def docs(): launch('minlstm_docs')
 def lm(): launch('minlstm_lm')
 def faults(): launch('minlstm_faults')

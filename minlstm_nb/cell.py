@@ -19,7 +19,8 @@ def g(x): # pre-activation of the candidate state, any shape
 
 def log_g(x): # pre-activation of the candidate state, any shape
     "`log(g(x))`, computed without forming `g(x)` for very negative `x`."
-    return ops.where(x >= 0, ops.log(ops.maximum(x, 0.) + 0.5), -ops.softplus(-x))   # maximum, not relu: slope 1 at 0
+    # maximum, not relu: slope 1 at 0
+    return ops.where(x >= 0, ops.log(ops.maximum(x, 0.) + 0.5), -ops.softplus(-x))
 
 def mingru_gates(k_z, # update gate's pre-activation, linear_z(x)
                  k_h, # candidate's pre-activation, linear_h(x)
@@ -47,7 +48,8 @@ def scan_dtype(dtype)->str:
     dtype = keras.backend.standardize_dtype(dtype)
     return 'float32' if dtype in ('float16', 'bfloat16') else dtype
 
-_SERIALIZE = {'initializer': keras.initializers, 'regularizer': keras.regularizers, 'constraint': keras.constraints}
+_SERIALIZE = {'initializer': keras.initializers, 'regularizer': keras.regularizers,
+              'constraint': keras.constraints}
 def _serialized(name, value):  # a constructor argument as get_config returns it (strings and None as Keras writes them)
     kind = name.rsplit('_', 1)[-1]
     return value if kind not in _SERIALIZE else _SERIALIZE[kind].serialize(_SERIALIZE[kind].get(value))
@@ -55,7 +57,8 @@ def _serialized(name, value):  # a constructor argument as get_config returns it
 class _MinCell(keras.layers.Layer):
     "Shared machinery of the minimal RNN cells: Dense projections named after the paper, one step of the recurrence."
     projections, forget = (), None
-    dense_args = ('use_bias', 'kernel_initializer', 'bias_initializer', 'kernel_regularizer', 'bias_regularizer',
+    dense_args = ('use_bias', 'kernel_initializer', 'bias_initializer', 'kernel_regularizer',
+                  'bias_regularizer',
                   'kernel_constraint', 'bias_constraint')
     def __init__(self, units, use_bias=True, kernel_initializer='glorot_uniform', bias_initializer='zeros',
                  kernel_regularizer=None, bias_regularizer=None, kernel_constraint=None, bias_constraint=None,
@@ -67,12 +70,14 @@ class _MinCell(keras.layers.Layer):
         self.kernel_regularizer, self.bias_regularizer = kernel_regularizer, bias_regularizer
         self.kernel_constraint, self.bias_constraint = kernel_constraint, bias_constraint
         self.state_size, self.output_size = self.units, self.units
-        for name in self.projections:               # Keras' unit_forget_bias: the forget gate's bias starts at 1
+        for name in self.projections:            # Keras' unit_forget_bias: the forget gate's bias starts at 1
             init = 'ones' if name == self.forget and self.unit_forget_bias else bias_initializer
             setattr(self, name, keras.layers.Dense(
-                self.units, use_bias=self.use_bias, kernel_initializer=kernel_initializer, bias_initializer=init,
+                self.units, use_bias=self.use_bias, kernel_initializer=kernel_initializer,
+                bias_initializer=init,
                 kernel_regularizer=kernel_regularizer, bias_regularizer=bias_regularizer,
-                kernel_constraint=kernel_constraint, bias_constraint=bias_constraint, dtype=self.dtype_policy, name=name))
+                kernel_constraint=kernel_constraint, bias_constraint=bias_constraint, dtype=self.dtype_policy,
+                name=name))
 
     @classmethod
     def arguments(cls):
@@ -150,8 +155,10 @@ def gate_scan(ks,          # pre-activations: [k_f, k_i, k_h] (minLSTM) or [k_z,
             dh = up[0] if upstream is None else upstream
             gs = linear_scan(a, dh, h0_, reverse=True, method=method)        # dL/dh_t, all paths
             da, db = gs*ops.concatenate([h0_[:, None], h[:, :-1]], 1), gs
-            if m is not None: da, db = ops.where(m, da, ops.zeros_like(da)), ops.where(m, db, ops.zeros_like(db))
-            return (*_coefficient_grads(ks_, d, lstm, da, db), gs[:, 0]*a[:, 0]) + ((ops.zeros_like(args[n + 1]),) if m is not None else ())
+            if m is not None:
+                da, db = ops.where(m, da, ops.zeros_like(da)), ops.where(m, db, ops.zeros_like(db))
+            return (*_coefficient_grads(ks_, d, lstm, da, db), gs[:, 0]
+                    *a[:, 0]) + ((ops.zeros_like(args[n + 1]),) if m is not None else ())
         return h, grad
     return run(*ks, h0) if mask is None else run(*ks, h0, ops.cast(mask, ks[0].dtype))
 
@@ -166,34 +173,48 @@ def min_rnn_scan(ks,          # pre-activations: [k_f, k_i, k_h] (minLSTM) or [k
                  method=None, # the portable path's scan: "chunked" or "associative"; default: scan_method()
                 ):            # h for every step
     "The states of minLSTM or minGRU from their pre-activations, in parallel: gates, scan and gradient fused."
-    if backend not in BACKENDS: raise ValueError(f'backend must be "kernel", "portable" or None, not {backend!r}')
-    if method not in (None, *SCANS): raise ValueError(f'method must be one of {", ".join(map(repr, SCANS))} or None, not {method!r}')
-    if len(ks) not in (2, 3): raise ValueError(f'ks must hold 3 (minLSTM) or 2 (minGRU) pre-activations, got {len(ks)}')
-    if biases is not None and len(biases) != len(ks): raise ValueError(f'biases must hold one vector per pre-activation ({len(ks)}), got {len(biases)}')
+    if backend not in BACKENDS:
+        raise ValueError(f'backend must be "kernel", "portable" or None, not {backend!r}')
+    if method not in (None, *SCANS):
+        raise ValueError(f'method must be one of {", ".join(map(repr, SCANS))} or None, not {method!r}')
+    if len(ks) not in (2, 3):
+        raise ValueError(f'ks must hold 3 (minLSTM) or 2 (minGRU) pre-activations, got {len(ks)}')
+    if biases is not None and len(biases) != len(ks):
+        raise ValueError(f'biases must hold one vector per pre-activation ({len(ks)}), got {len(biases)}')
     ks = [ops.convert_to_tensor(k) for k in ks]
     h0 = ops.zeros_like(ks[0][:, 0]) if h0 is None else ops.cast(h0, ks[0].dtype)
     if backend != 'portable' and keras.backend.backend() == 'tensorflow':
-        from minlstm_nb import kernels     # the accelerator's lesson comes after this one: imported when first needed
-        h = kernels.fused_gate_scan(ks, h0, mask, biases, forced=backend == 'kernel')   # None where it steps aside
+        # the accelerator's lesson comes after this one: imported when first needed
+        from minlstm_nb import kernels
+        # None where it steps aside
+        h = kernels.fused_gate_scan(ks, h0, mask, biases, forced=backend == 'kernel')
         if h is not None: return h
-    elif backend == 'kernel':              # the kernel is a TensorFlow op: on JAX or PyTorch nothing imports TensorFlow
-        raise ValueError(f'backend="kernel" cannot run here: the {keras.backend.backend()} backend runs the keras.ops path')
+    elif backend == 'kernel':    # the kernel is a TensorFlow op: on JAX or PyTorch nothing imports TensorFlow
+        raise ValueError(f'backend="kernel" cannot run here: the {keras.backend.backend()} backend runs the '
+                         f'keras.ops path')
     if biases is not None: ks = [k + ops.cast(b, k.dtype) for k, b in zip(ks, biases)]
     return gate_scan(ks, h0, mask, method)
 
 # %% ../nbs/03_cell.ipynb #8dd90baf
 _NO_RECURRENT = 'minLSTM and minGRU have no recurrent weights (every gate reads the input alone)'
-NOT_APPLICABLE = {  # argument of keras.layers.LSTM/GRU: (values accepted so that their configs load, why nothing else is)
-    'activation': (('tanh',), "the candidate's activation is the paper's g (x + 0.5 for x >= 0, sigmoid below), "
+# argument of keras.layers.LSTM/GRU: (values accepted so that their configs load, why nothing else is)
+NOT_APPLICABLE = {
+    'activation': (('tanh',),
+                   "the candidate's activation is the paper's g (x + 0.5 for x >= 0, sigmoid below), "
                    'which keeps the state positive for the log-space scan'),
-    'recurrent_activation': (('sigmoid',), 'the gates are sigmoids, which the normalisation and the scan are written for'),
+    'recurrent_activation': (('sigmoid',),
+                             'the gates are sigmoids, which the normalisation and the scan are written for'),
     'recurrent_initializer': (('orthogonal',), _NO_RECURRENT),
     'recurrent_regularizer': ((None,), _NO_RECURRENT),
     'recurrent_constraint': ((None,), _NO_RECURRENT),
-    'recurrent_dropout': ((0,), _NO_RECURRENT + ': nothing connects one step to the next but the state itself'),
-    'unroll': ((False,), 'parallel mode already computes every step at once, and sequential mode is a compiled loop'),
-    'use_cudnn': (('auto', False), 'there is no cuDNN kernel for these layers; the scan is keras.ops (or the C++ kernel)'),
-    'implementation': ((1, 2), "it chooses how Keras' LSTM groups its gates' products; each projection here is one matmul"),
+    'recurrent_dropout': ((0,), _NO_RECURRENT
+                          + ': nothing connects one step to the next but the state itself'),
+    'unroll': ((False,),
+               'parallel mode already computes every step at once, and sequential mode is a compiled loop'),
+    'use_cudnn': (('auto', False),
+                  'there is no cuDNN kernel for these layers; the scan is keras.ops (or the C++ kernel)'),
+    'implementation': ((1, 2),
+            "it chooses how Keras' LSTM groups its gates' products; each projection here is one matmul"),
     'reset_after': ((True, False), 'it places the reset gate of Keras\' GRU, and minGRU has no reset gate'),
 }
 
@@ -213,7 +234,8 @@ def _refuse_inapplicable(layer, kwargs, names):
         value = kwargs.pop(name)
         accepted, why = NOT_APPLICABLE[name]
         if not any(_same(name, value, a) for a in accepted):
-            raise ValueError(f'{layer} does not take {name}={value!r}: {why} (accepted, so that Keras configs load: '
+            raise ValueError(f'{layer} does not take {name}={value!r}: {why} (accepted, so that Keras '
+                             f'configs load: '
                              f'{" or ".join(map(repr, accepted))})')
 
 def _check_rate(rate):
@@ -231,16 +253,21 @@ class _MinRNN(keras.layers.Layer):
         cell_args = {a: kwargs.pop(a) for a in self.cell_class.arguments() if a in kwargs}
         super().__init__(**kwargs)
         self.units = _check_units(units)
-        if mode not in ('parallel', 'sequential'): raise ValueError(f'mode must be "parallel" or "sequential", not {mode!r}')
-        if backend not in BACKENDS: raise ValueError(f'backend must be "kernel", "portable" or None, not {backend!r}')
+        if mode not in ('parallel', 'sequential'):
+            raise ValueError(f'mode must be "parallel" or "sequential", not {mode!r}')
+        if backend not in BACKENDS:
+            raise ValueError(f'backend must be "kernel", "portable" or None, not {backend!r}')
         if backend == 'kernel' and keras.backend.backend() != 'tensorflow':   # the kernel is a TensorFlow op
-            raise ValueError(f'backend="kernel" cannot run here: the {keras.backend.backend()} backend runs the keras.ops path (use None or "portable")')
-        if isinstance(expansion_factor, bool) or not isinstance(expansion_factor, (int, float)) or not expansion_factor >= 1:
+            raise ValueError(f'backend="kernel" cannot run here: the {keras.backend.backend()} backend runs '
+                             f'the keras.ops path (use None or "portable")')
+        if isinstance(expansion_factor, bool) or not isinstance(expansion_factor,
+                                                                (int, float)) or not expansion_factor >= 1:
             raise ValueError(f'expansion_factor must be a number >= 1, got {expansion_factor!r}')
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
             raise TypeError(f'seed must be an int or None, not {type(seed).__name__}')
         self.return_sequences, self.return_state, self.mode = bool(return_sequences), bool(return_state), mode
-        self.go_backwards, self.zero_output_for_mask, self.backend = bool(go_backwards), bool(zero_output_for_mask), backend
+        self.go_backwards, self.zero_output_for_mask, self.backend = (bool(go_backwards),
+                                                                      bool(zero_output_for_mask), backend)
         self.stateful, self.dropout, self.seed = bool(stateful), _check_rate(dropout), seed
         self.seed_generator = keras.random.SeedGenerator(seed) if self.dropout else None
         self.expansion_factor = expansion_factor
@@ -250,22 +277,28 @@ class _MinRNN(keras.layers.Layer):
                                           **{a: cell_args[a] for a in _MinCell.dense_args if a in cell_args})
                        if expansion_factor != 1 else None)
         self.supports_masking = True
-        object.__setattr__(self, '_state', None)   # stateful: a Variable kept out of the weights, as Keras' RNN does
+        # stateful: a Variable kept out of the weights, as Keras' RNN does
+        object.__setattr__(self, '_state', None)
 
     def build(self, input_shape):
-        if len(input_shape) != 3: raise ValueError(f'{self.name} expects inputs of shape (batch, time, features), got {input_shape}')
+        if len(input_shape) != 3:
+            raise ValueError(f'{self.name} expects inputs of shape (batch, time, features), got {input_shape}')
         self.cell.build(input_shape)
         if self.to_out is not None: self.to_out.build(tuple(input_shape[:-1]) + (self.state_units,))
         if self.stateful and self._state is None:
             if input_shape[0] is None:
-                raise ValueError(f'{self.name} is stateful, so it needs a fixed batch size (its state holds one row per '
-                                 f'sequence): give it, e.g. keras.Input(shape, batch_size=32); got inputs {tuple(input_shape)}')
+                raise ValueError(f'{self.name} is stateful, so it needs a fixed batch size (its state holds '
+                                 f'one row per '
+                                 f'sequence): give it, e.g. keras.Input(shape, batch_size=32); got inputs '
+                                 f'{tuple(input_shape)}')
             object.__setattr__(self, '_state', keras.Variable(
-                np.zeros((input_shape[0], self.state_units)), dtype=scan_dtype(self.compute_dtype), trainable=False,
+                np.zeros((input_shape[0], self.state_units)), dtype=scan_dtype(self.compute_dtype),
+                trainable=False,
                 name='state'))
         self.built = True
 
-    # The carried state is a variable of the layer (so fit and predict carry it under jit, on every backend) but not
+    # The carried state is a variable of the layer (so fit and predict carry it under jit, on every backend)
+    # but not
     # one of its weights: get_weights/set_weights see the projections only, as for Keras' LSTM.
     @property
     def variables(self): return super().variables + ([self._state] if self._state is not None else [])
@@ -279,10 +312,12 @@ class _MinRNN(keras.layers.Layer):
         "Zero the carried state (or set it to `states`, `(batch, units * expansion_factor)`)."
         if not self.stateful: raise AttributeError(f'{self.name} is not stateful: there is no state to reset')
         if self._state is None: return             # not built yet: it will start from zeros
-        value = np.zeros(self._state.shape) if states is None else states[0] if isinstance(states, (list, tuple)) else states
+        value = np.zeros(self._state.shape) if states is None else states[0] if isinstance(states,
+                (list, tuple)) else states
         value = ops.convert_to_tensor(value)
         if tuple(value.shape) != tuple(self._state.shape):
-            raise ValueError(f'{self.name} carries a state of shape {tuple(self._state.shape)}, got {tuple(value.shape)}')
+            raise ValueError(f'{self.name} carries a state of shape {tuple(self._state.shape)}, got '
+                             f'{tuple(value.shape)}')
         self._state.assign(ops.cast(value, self._state.dtype))
 
     def reset_states(self, states=None): self.reset_state(states)   # Keras' older name
@@ -317,17 +352,21 @@ class _MinRNN(keras.layers.Layer):
         return step_scan(a, b, ops.zeros_like(a[:, 0]) if h0 is None else h0)
 
     def call(self, inputs, initial_state=None, mask=None, training=None):
-        if isinstance(initial_state, (list, tuple)): initial_state = initial_state[0] if initial_state else None
+        if isinstance(initial_state, (list, tuple)):
+            initial_state = initial_state[0] if initial_state else None
         if initial_state is not None:
             initial_state = ops.convert_to_tensor(initial_state)
             s = tuple(initial_state.shape)
             if len(s) != 2 or s[-1] not in (None, self.state_units):
-                raise ValueError(f'the initial state has shape {s}, but {self.name} needs (batch, {self.state_units})')
+                raise ValueError(f'the initial state has shape {s}, but {self.name} needs (batch, '
+                                 f'{self.state_units})')
         if self._state is not None:
             if inputs.shape[0] is not None and inputs.shape[0] != self._state.shape[0]:
-                raise ValueError(f'{self.name} is stateful with batch size {self._state.shape[0]}, got a batch of '
+                raise ValueError(f'{self.name} is stateful with batch size {self._state.shape[0]}, got a '
+                                 f'batch of '
                                  f'{inputs.shape[0]} (batch the data with drop_remainder=True)')
-            if initial_state is None: initial_state = ops.copy(self._state.value)   # a copy: torch assigns in place
+            if initial_state is None:
+                initial_state = ops.copy(self._state.value)   # a copy: torch assigns in place
         if training and self.dropout: inputs = inputs*self.dropout_mask(inputs)[:, None]
         if self.go_backwards:                      # read the sequence from its end, as Keras' RNN layers do
             inputs = ops.flip(inputs, 1)
@@ -343,7 +382,8 @@ class _MinRNN(keras.layers.Layer):
         return [out, last] if self.return_state else out
 
     def compute_output_shape(self, input_shape):
-        out = (input_shape[0], input_shape[1], self.units) if self.return_sequences else (input_shape[0], self.units)
+        out = (input_shape[0], input_shape[1], self.units) if self.return_sequences else (input_shape[0],
+                                                                                          self.units)
         return [out, (input_shape[0], self.state_units)] if self.return_state else out
 
     def compute_mask(self, inputs, mask=None):
@@ -353,7 +393,8 @@ class _MinRNN(keras.layers.Layer):
     def get_config(self):
         cell = self.cell.get_config()
         return {**super().get_config(), 'units': self.units, 'return_sequences': self.return_sequences,
-                'return_state': self.return_state, 'go_backwards': self.go_backwards, 'stateful': self.stateful,
+                'return_state': self.return_state, 'go_backwards': self.go_backwards,
+                'stateful': self.stateful,
                 'mode': self.mode, 'expansion_factor': self.expansion_factor, 'backend': self.backend,
                 'zero_output_for_mask': self.zero_output_for_mask, 'dropout': self.dropout, 'seed': self.seed,
                 **{a: cell[a] for a in self.cell_class.arguments()}}
@@ -366,7 +407,8 @@ class MinGRU(_MinRNN):
     "minGRU over a whole sequence (parallel scan by default); sub-layers `linear_z`, `linear_h`. Arguments as `MinLSTM`'s."
     cell_class = MinGRUCell
     not_applicable = ('activation', 'recurrent_activation', 'recurrent_initializer', 'recurrent_regularizer',
-                      'recurrent_constraint', 'recurrent_dropout', 'unroll', 'use_cudnn', 'implementation', 'reset_after')
+                      'recurrent_constraint', 'recurrent_dropout', 'unroll', 'use_cudnn', 'implementation',
+                      'reset_after')
     linear_z = property(lambda self: self.cell.linear_z)
     linear_h = property(lambda self: self.cell.linear_h)
 
@@ -413,9 +455,12 @@ SUPPORTED = {  # argument of keras.layers.LSTM/GRU that has a meaning here: what
     'units': 'output features (the state has `units * expansion_factor`)',
     'use_bias': "the projections' biases (`False`: none, on every path)",
     'kernel_initializer': "the projections' matrices", 'bias_initializer': "the projections' biases",
-    'unit_forget_bias': "`MinLSTM`: the forget gate's bias starts at 1 (default `False`: all biases start at 0)",
-    'kernel_regularizer': 'a loss on the projections\' matrices', 'bias_regularizer': "a loss on their biases",
-    'activity_regularizer': "a loss on the layer's outputs", 'kernel_constraint': 'applied after each optimizer step',
+    'unit_forget_bias': "`MinLSTM`: the forget gate's bias starts at 1 (default `False`: all biases start at "
+                        "0)",
+    'kernel_regularizer': 'a loss on the projections\' matrices',
+    'bias_regularizer': "a loss on their biases",
+    'activity_regularizer': "a loss on the layer's outputs",
+    'kernel_constraint': 'applied after each optimizer step',
     'bias_constraint': 'applied after each optimizer step',
     'dropout': 'input features dropped in training, the same ones at every step of a sequence',
     'seed': "the dropout's random seed", 'return_sequences': 'every step\'s output, not just the last',
@@ -427,12 +472,14 @@ def argument_table()->str:
     "Every argument of `keras.layers.LSTM` and `GRU`, and what `MinLSTM`/`MinGRU` do with it, as a markdown table."
     import inspect
     names = dict.fromkeys(p for twin in (keras.layers.LSTM, keras.layers.GRU)
-                          for p in inspect.signature(twin).parameters if p != 'kwargs') | dict.fromkeys(NOT_APPLICABLE)
+                          for p in inspect.signature(twin).parameters
+                          if p != 'kwargs') | dict.fromkeys(NOT_APPLICABLE)
     rows = ['| argument | in `MinLSTM` / `MinGRU` |', '|---|---|']
     for n in names:
         if n in SUPPORTED: rows.append(f'| `{n}` | supported: {SUPPORTED[n]} |')
         elif n in NOT_APPLICABLE:
             ok, why = NOT_APPLICABLE[n]
-            rows.append(f'| `{n}` | not applicable: {why}; accepted only as {" or ".join(f"`{v!r}`" for v in ok)} |')
+            rows.append(f'| `{n}` | not applicable: {why}; accepted only as '
+                        f'{" or ".join(f"`{v!r}`" for v in ok)} |')
         else: rows.append(f'| `{n}` | **not handled** |')
     return '\n'.join(rows)

@@ -13,10 +13,14 @@ from fastcore.script import anno_parser
 
 # %% ../nbs/91_cli.ipynb #0e667f0e
 FRAMEWORK_LOG = re.compile(
-    r'^(WARNING: All log messages before absl::InitializeLog\(\) is called'   # absl's banner, before it is set up
-    r'|[IWE]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w.\-]+:\d+\]'                 # absl's format: I0000 00:00:1795692052.92 3103 file.cc:31]
-    r'|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWE] [\w/.\-]+:\d+\]'        # TensorFlow's older format: 2024-05-01 12:00:00.1: I tensorflow/...]
-    r'|To enable the following instructions: .* rebuild TensorFlow)')          # the second line of the CPU-feature notice
+    # absl's banner, before it is set up
+    r'^(WARNING: All log messages before absl::InitializeLog\(\) is called'
+    # absl's format: I0000 00:00:1795692052.92 3103 file.cc:31]
+    r'|[IWE]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w.\-]+:\d+\]'
+    # TensorFlow's older format: 2024-05-01 12:00:00.1: I tensorflow/...]
+    r'|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWE] [\w/.\-]+:\d+\]'
+    # the second line of the CPU-feature notice
+    r'|To enable the following instructions: .* rebuild TensorFlow)')
 
 def is_framework_log(line:str|bytes)->bool:
     "Is `line` one of TensorFlow's (or XLA's, or absl's) own log lines? Fatal (F) lines are not: they explain a crash."
@@ -68,11 +72,12 @@ def verbose_requested(argv:list)->bool:
 def launch(command:str, target:str|None=None):
     "Run console script `command` (a key of `COMMANDS`, or `target` in its name), its stderr filtered of TensorFlow's log lines unless verbose."
     module, func = (target or COMMANDS[command]).split(':')
-    warnings.formatwarning = lambda msg, *_, **__: f'{command}: warning: {msg}\n'   # one plain line, like our errors
+    # one plain line, like our errors
+    warnings.formatwarning = lambda msg, *_, **__: f'{command}: warning: {msg}\n'
     def run():
         f = getattr(importlib.import_module(module), func)
         f = getattr(f, '__wrapped__', f)                   # the function under fastcore's call_parse
-        args = vars(anno_parser(f).parse_args())           # what call_parse does when a script calls it directly
+        args = vars(anno_parser(f).parse_args())        # what call_parse does when a script calls it directly
         for k in ('pdb', 'xtra'): args.pop(k, None)
         return f(**args)
     if verbose_requested(sys.argv[1:]): return run()

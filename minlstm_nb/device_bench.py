@@ -54,7 +54,8 @@ def _gradient_step(layer, x):
     loss_of = lambda y: ops.mean(ops.square(ops.cast(y, 'float32')))
     if be == 'jax':
         import jax
-        tv, ntv = [v.value for v in layer.trainable_variables], [v.value for v in layer.non_trainable_variables]
+        tv, ntv = ([v.value for v in layer.trainable_variables],
+                   [v.value for v in layer.non_trainable_variables])
         grad = jax.jit(jax.grad(lambda tv, x: loss_of(layer.stateless_call(tv, ntv, x)[0])))
         return lambda: jax.block_until_ready(grad(tv, x))
     if be == 'tensorflow':
@@ -169,7 +170,8 @@ def _run(lengths, widths, batch, runs, contenders, torch, max_seconds, log):
     tc = torch_contenders() if torch else None
     res = dict(device=device_name(), backend=keras.backend.backend(), keras=keras.__version__, batch=batch,
                runs=runs, torch=None if tc is None else __import__('torch').__version__, rows=[],
-               torch_note=None if tc is not None or not torch else 'torch is not importable: its contenders skipped')
+               torch_note=None if tc is not None or not torch
+               else 'torch is not importable: its contenders skipped')
     names, rng, FAILED = list(contenders) + list(tc or ()), np.random.default_rng(0), object()
     def attempt(row, name, fn):
         "fn(), or FAILED with the reason kept where it raised"
@@ -192,12 +194,13 @@ def _run(lengths, widths, batch, runs, contenders, torch, max_seconds, log):
                 if step is not FAILED and attempt(row, name, step) is not FAILED:
                     steps[name], times[name] = step, []
                     row['compile_s'][name] = time.perf_counter() - t0
-            for _ in range(runs):                             # then take turns, one run each: load falls on all
+            for _ in range(runs):                           # then take turns, one run each: load falls on all
                 for name in list(steps):
                     t0 = time.perf_counter()
                     if attempt(row, name, steps[name]) is not FAILED:
                         times[name].append(1e3*(time.perf_counter() - t0))
-                        if times[name][-1] > 1e3*max_seconds: steps.pop(name)   # one slow run is enough to know
+                        if times[name][-1] > 1e3*max_seconds:
+                            steps.pop(name)   # one slow run is enough to know
             for name, ts in times.items():
                 if name in row['skipped'] or not ts: continue
                 row['ms'][name] = float(np.median(ts))

@@ -252,7 +252,9 @@ def linear_recurrence(a, b, h0,           # (batch, time, features), same; h0: (
                      ):                   # h (or g) for every step, shaped like b
     "The compiled sweep of `h_t = a_t*h_{t-1} + b_t` (CPU, float32/float64); lesson 2's `linear_scan` is its portable twin."
     mod = load_kernel('linear_scan', LINEAR_SCAN_SOURCE)
-    if mod is None: raise RuntimeError('the compiled linear-scan kernel is not available on this machine (see the warning)')
+    if mod is None:
+        raise RuntimeError('the compiled linear-scan kernel is not available on this machine (see the '
+                           'warning)')
     return mod.minlstm_linear_scan(a, b, tf.cast(h0, b.dtype), reverse=reverse)
 
 # %% ../nbs/03a_kernels.ipynb #75eacd38
@@ -531,9 +533,12 @@ def kernel_gate_scan(ks,          # pre-activations without biases: [k_f, k_i, k
                     ):            # h for every step
     "minLSTM/minGRU states by the compiled sweep, with its compiled gradient (CPU, float32/float64)."
     mod = _gate_scan_ops()
-    if mod is None: raise RuntimeError('the compiled gate-and-scan kernel is not available on this machine (see the warning)')
+    if mod is None:
+        raise RuntimeError('the compiled gate-and-scan kernel is not available on this machine (see the '
+                           'warning)')
     dtype = ks[0].dtype
-    bs = [tf.zeros(tf.shape(k)[-1:], dtype) for k in ks] if biases is None else [tf.cast(b, dtype) for b in biases]
+    bs = [tf.zeros(tf.shape(k)[-1:], dtype) for k in ks] if biases is None else [tf.cast(b, dtype)
+                                                                                 for b in biases]
     m = tf.zeros([0], dtype) if mask is None else tf.cast(mask, dtype)
     n = len(ks)
     @tf.custom_gradient
@@ -555,8 +560,8 @@ def choose_implementation(dtype:str='float32',         # the scan's dtype
                           exporting:bool=False,        # traced for a SavedModel / TFLite artifact
                           keras_backend:str='tensorflow', # keras.backend.backend()
                           kernel_available=True,       # bool, or a callable asked only when the rest allows the kernel
-                          backend:str|None=None,       # what the layer asked for: None, "kernel" or "portable"
-                         )->tuple:                     # (implementation, reason): "kernel", "chunked" or "associative"
+                          backend:str|None=None,      # what the layer asked for: None, "kernel" or "portable"
+                         )->tuple:            # (implementation, reason): "kernel", "chunked" or "associative"
     "The backend rule: which implementation runs the parallel path in this situation, and why."
     portable = scan_method(devices)
     if backend == 'portable': return portable, 'backend="portable" was asked for'

@@ -71,7 +71,8 @@ def validation_windows(ids, context:int, tokens:int)->tuple:
 
 # %% ../nbs/09_language_model.ipynb #99677d55
 KINDS = ('minlstm', 'mingru', 'lstm', 'gru', 'transformer')
-NAMES = {'minlstm': 'minLSTM', 'mingru': 'minGRU', 'lstm': 'Keras LSTM', 'gru': 'Keras GRU', 'transformer': 'Transformer'}
+NAMES = {'minlstm': 'minLSTM', 'mingru': 'minGRU', 'lstm': 'Keras LSTM', 'gru': 'Keras GRU',
+         'transformer': 'Transformer'}
 
 @keras.saving.register_keras_serializable(package='minlstm_nb')
 class PositionEmbedding(keras.layers.Layer):
@@ -87,10 +88,13 @@ class PositionEmbedding(keras.layers.Layer):
 def _transformer_block(x, width, heads, ff_mult, name):
     "Pre-norm: `x + Attention(LN(x))` with a causal mask, then `x + MLP(LN(x))`."
     h = keras.layers.LayerNormalization(name=f'{name}_norm_attn')(x)
-    h = keras.layers.MultiHeadAttention(heads, width // heads, name=f'{name}_attn')(h, h, use_causal_mask=True)
+    h = keras.layers.MultiHeadAttention(heads, width // heads, name=f'{name}_attn')(h, h,
+                                                                                    use_causal_mask=True)
     x = keras.layers.Add(name=f'{name}_attn_add')([x, h])
     h = keras.layers.LayerNormalization(name=f'{name}_norm_mlp')(x)
-    h = keras.layers.Dense(width, name=f'{name}_mlp_out')(keras.layers.Dense(ff_mult*width, activation='gelu', name=f'{name}_mlp_in')(h))
+    h = keras.layers.Dense(width,
+            name=f'{name}_mlp_out')(keras.layers.Dense(ff_mult*width, activation='gelu',
+                                                       name=f'{name}_mlp_in')(h))
     return keras.layers.Add(name=f'{name}_mlp_add')([x, h])
 
 def build_lm(kind:str,         # "minlstm", "mingru", "lstm", "gru" or "transformer"
@@ -103,7 +107,8 @@ def build_lm(kind:str,         # "minlstm", "mingru", "lstm", "gru" or "transfor
             )->keras.Model:    # ids (batch, time) -> logits (batch, time, vocab_size), at every position
     "A character language model: embedding, `depth` blocks (the paper's residual blocks, or pre-norm Transformer blocks), norm, head."
     if kind not in KINDS: raise ValueError(f'unknown model {kind!r}: choose one of {", ".join(KINDS)}')
-    if kind == 'transformer' and width % heads: raise ValueError(f'width ({width}) must be a multiple of heads ({heads})')
+    if kind == 'transformer' and width % heads:
+        raise ValueError(f'width ({width}) must be a multiple of heads ({heads})')
     inp = keras.Input((None,), dtype='int32', name='ids')
     h = keras.layers.Embedding(vocab_size, width, name='embedding')(inp)
     if kind == 'transformer':
@@ -140,7 +145,8 @@ def _check_match(kind, n, params, heads):
     "Warn when the nearest width misses the parameter target by more than 10%."
     if abs(n - params) > 0.1*params:
         warnings.warn(f'{NAMES[kind]} has {n:,} parameters, {n/params - 1:+.0%} from the {params:,} asked: '
-                      + (f'its width comes in steps of heads={heads}; fewer heads match more closely' if kind == 'transformer'
+                      + (f'its width comes in steps of heads={heads}; fewer heads match more closely'
+                         if kind == 'transformer'
                          else 'no width comes closer'))
 
 def train_lm(kind:str,                 # "minlstm", "mingru", "lstm", "gru" or "transformer"
@@ -148,7 +154,7 @@ def train_lm(kind:str,                 # "minlstm", "mingru", "lstm", "gru" or "
              context:int=256,           # characters each window reads
              *, params:int=100_000,     # parameter count the width is matched to
              depth:int=3,               # blocks
-             heads:int=4,               # the Transformer's attention heads (its width comes in steps of heads)
+             heads:int=4,              # the Transformer's attention heads (its width comes in steps of heads)
              steps:int=300,             # training steps
              tokens_per_step:int=8192,  # characters per batch, the same at every context
              learning_rate:float=3e-3,  # peak learning rate
@@ -160,10 +166,12 @@ def train_lm(kind:str,                 # "minlstm", "mingru", "lstm", "gru" or "
             )->dict:                    # settings, curve [(step, seconds, validation loss)], speed, the model
     "Train one model of about `params` parameters on `corpus` for `steps` batches of `tokens_per_step` characters."
     if kind not in KINDS: raise ValueError(f'unknown model {kind!r}: choose one of {", ".join(KINDS)}')
-    context, steps, tokens_per_step = _check_int('context', context, 2), _check_int('steps', steps), _check_int('tokens_per_step', tokens_per_step)
+    context, steps, tokens_per_step = (_check_int('context', context, 2), _check_int('steps', steps),
+                                       _check_int('tokens_per_step', tokens_per_step))
     for what, ids in (('training', corpus.train_ids), ('held-out', corpus.val_ids)):
         if len(ids) <= context + 1:
-            raise ValueError(f'the {what} text has {len(ids):,} characters, too few for one window of context {context} and its target')
+            raise ValueError(f'the {what} text has {len(ids):,} characters, too few for one window of '
+                             f'context {context} and its target')
     batch_size = tokens_per_step // context
     if batch_size < 1 or tokens_per_step % context:
         raise ValueError(f'tokens_per_step ({tokens_per_step}) must be a multiple of context ({context})')
@@ -190,10 +198,14 @@ def train_lm(kind:str,                 # "minlstm", "mingru", "lstm", "gru" or "
         losses.append(float(loss))
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             curve.append((step + 1, seconds, val_loss()))
-            if out: out(f'{NAMES[kind]} (context {context}): step {step + 1}/{steps}  train {loss:.3f}  validation {curve[-1][2]:.3f} nats/char  ({seconds:.0f} s)')
+            if out:
+                out(f'{NAMES[kind]} (context {context}): step {step + 1}/{steps}  train {loss:.3f}  '
+                    f'validation {curve[-1][2]:.3f} nats/char  ({seconds:.0f} s)')
     med = float(np.median(step_times)) if step_times else trace
-    return dict(kind=kind, context=context, width=width, depth=depth, heads=heads, params=model.count_params(), steps=steps,
-                batch_size=batch_size, tokens_per_step=tokens_per_step, learning_rate=learning_rate, seed=seed,
+    return dict(kind=kind, context=context, width=width, depth=depth, heads=heads,
+                params=model.count_params(), steps=steps,
+                batch_size=batch_size, tokens_per_step=tokens_per_step, learning_rate=learning_rate,
+                seed=seed,
                 curve=curve, train_losses=losses, seconds=seconds, trace_seconds=trace,
                 tokens_per_second=tokens_per_step / med, final_loss=curve[-1][2],
                 best_loss=min(l for _, _, l in curve), model=model)

@@ -34,7 +34,8 @@ def predict_next(self:LanguageModel,
                  unknown:str|None=None, # unknown tokens: "error" (default without an oov_token), "drop" or "oov"
                 )->list:            # [(token, probability)], most likely first
     "The `k` most likely next tokens after `text`, with their probabilities."
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1: raise ValueError(f'k must be a positive int, got {k!r}')
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f'k must be a positive int, got {k!r}')
     ids = _prompt_ids(self, text, unknown)
     p = tf.nn.softmax(self.model(np.array([ids], 'int32'))[0]).numpy().astype('float64')
     top = 1 + np.argsort(-p[1:], kind='stable')[:k]          # id 0 is padding, never a prediction
@@ -49,16 +50,19 @@ def step_function(model:keras.Model):   # a model from build_model
         for layer in model.layers:
             if isinstance(layer, rnn_types):
                 n = len(initial_states(layer, 1))
-                x, s = layer.step(x, states[i:i+n]) if isinstance(layer, ResidualBlock) else rnn_step(layer, x, states[i:i+n])
+                x, s = layer.step(x, states[i:i+n]) if isinstance(layer, ResidualBlock) else rnn_step(layer,
+                        x, states[i:i+n])
                 new += s; i += n
-            elif isinstance(layer, keras.layers.Embedding): x = tf.identity(layer(x))   # no padding in step mode: drop Keras' mask
+            elif isinstance(layer, keras.layers.Embedding):
+                x = tf.identity(layer(x))   # no padding in step mode: drop Keras' mask
             else: x = layer(x)
         return x, new
     return tf.function(step, reduce_retracing=True)
 
 def model_initial_states(model:keras.Model, batch_size:int=1)->list:
     "Zero states for every recurrent layer of `model`, in order."
-    return [s for l in model.layers if isinstance(l, (MinGRU, MinLSTM, ResidualBlock, keras.layers.LSTM, keras.layers.GRU))
+    return [s for l in model.layers
+            if isinstance(l, (MinGRU, MinLSTM, ResidualBlock, keras.layers.LSTM, keras.layers.GRU))
             for s in initial_states(l, batch_size)]
 
 # %% ../nbs/05_prediction.ipynb #006057b0
@@ -66,18 +70,22 @@ def model_initial_states(model:keras.Model, batch_size:int=1)->list:
 def generate(self:LanguageModel,
              prompt:str,               # text to continue; its last seq_length tokens prime the state
              n:int=20,                 # new tokens to generate
-             temperature:float=1.0,    # > 0 sample from softmax(logits / temperature); 0: always the likeliest
+             temperature:float=1.0,   # > 0 sample from softmax(logits / temperature); 0: always the likeliest
              seed:int|None=None,       # seed of the sampler, for reproducible text
              top_k:int|None=None,      # sample among the k likeliest tokens only
              unknown:str|None=None,    # unknown prompt tokens: "error", "drop" or "oov"
             )->str:                    # the n new tokens as text (words joined by spaces, characters joined)
     "Continue `prompt` by `n` tokens, one step at a time with a carried state."
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0: raise ValueError(f'n must be a non-negative int, got {n!r}')
-    if not isinstance(temperature, (int, float)) or not temperature >= 0: raise ValueError(f'temperature must be >= 0, got {temperature!r}')
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f'n must be a non-negative int, got {n!r}')
+    if not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f'temperature must be >= 0, got {temperature!r}')
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
+                              or top_k < 1):
         raise ValueError(f'top_k must be a positive int or None, got {top_k!r}')
     ids = _prompt_ids(self, prompt, unknown)
-    if getattr(self, '_step_model', None) is not self.model: self._step, self._step_model = step_function(self.model), self.model
+    if getattr(self, '_step_model', None) is not self.model:
+        self._step, self._step_model = step_function(self.model), self.model
     rng, states, out = np.random.default_rng(seed), model_initial_states(self.model), []
     for i in ids: logits, states = self._step(tf.constant([i], tf.int32), states)
     for _ in range(n):

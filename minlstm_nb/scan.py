@@ -22,23 +22,32 @@ def _shape(x):
     try: return tuple(x.shape)
     except (TypeError, ValueError): return None
 
-def _compatible(s, t)->bool: return s is None or t is None or (len(s) == len(t) and all(u is None or v is None or u == v for u, v in zip(s, t)))
+def _compatible(s, t)->bool:
+    return s is None or t is None or (len(s) == len(t)
+                                      and all(u is None or v is None or u == v for u, v in zip(s, t)))
 
 def _check_inputs(log_a, log_b, log_h0, h0):
     log_a, log_b = ops.convert_to_tensor(log_a), ops.convert_to_tensor(log_b)
-    if not _dtype(log_b).startswith(('float', 'bfloat')): raise TypeError(f'log_b must be a float tensor, got {_dtype(log_b)}')
+    if not _dtype(log_b).startswith(('float', 'bfloat')):
+        raise TypeError(f'log_b must be a float tensor, got {_dtype(log_b)}')
     if _dtype(log_a).startswith(('int', 'uint', 'bool')): log_a = ops.cast(log_a, log_b.dtype)
-    if _dtype(log_a) != _dtype(log_b): raise TypeError(f'log_a and log_b must share a dtype, got {_dtype(log_a)} and {_dtype(log_b)}')
+    if _dtype(log_a) != _dtype(log_b):
+        raise TypeError(f'log_a and log_b must share a dtype, got {_dtype(log_a)} and {_dtype(log_b)}')
     sa, sb = _shape(log_a), _shape(log_b)
-    if sb is not None and len(sb) != 3: raise ValueError(f'log_b must be 3-D (batch, time, features), got shape {sb}')
-    if not _compatible(sa, sb): raise ValueError(f'log_a and log_b must have the same shape, got {sa} and {sb}')
-    if log_h0 is not None and h0 is not None: raise ValueError('give the initial state as log_h0 or as h0, not both')
+    if sb is not None and len(sb) != 3:
+        raise ValueError(f'log_b must be 3-D (batch, time, features), got shape {sb}')
+    if not _compatible(sa, sb):
+        raise ValueError(f'log_a and log_b must have the same shape, got {sa} and {sb}')
+    if log_h0 is not None and h0 is not None:
+        raise ValueError('give the initial state as log_h0 or as h0, not both')
     if log_h0 is not None: h0 = ops.exp(ops.cast(log_h0, log_b.dtype))
     h0 = ops.zeros_like(log_b[:, 0]) if h0 is None else ops.cast(h0, log_b.dtype)
     s0 = _shape(h0)
-    if s0 is not None and len(s0) != 2: raise ValueError(f'the initial state must be 2-D (batch, features), got shape {s0}')
+    if s0 is not None and len(s0) != 2:
+        raise ValueError(f'the initial state must be 2-D (batch, features), got shape {s0}')
     if sb is not None and not _compatible(s0, sb[::2]):
-        raise ValueError(f'the initial state has shape {s0}, but log_b {sb} needs (batch, features) = {sb[::2]}')
+        raise ValueError(f'the initial state has shape {s0}, but log_b {sb} needs (batch, features) = '
+                         f'{sb[::2]}')
     return log_a, log_b, h0
 
 def sequential_scan(log_a,      # log of the decay coefficients a_t, (batch, time, features)
@@ -84,10 +93,11 @@ def _states(step, h0, xs):
     if in_xla() or not tracing_for_export():
         return tf.scan(step, xs, initializer=h0)   # Keras' own scan fails on lengths unknown when traced
     n = tf.shape(xs[0])[0]
-    def body(i, h, acc):                  # for export, no TensorArray: TFLite converts only those of static element shape
+    def body(i, h, acc):      # for export, no TensorArray: TFLite converts only those of static element shape
         h = step(h, [x[i] for x in xs])
         return i + 1, h, tf.tensor_scatter_nd_update(acc, [[i]], h[None])
-    _, _, acc = tf.while_loop(lambda i, h, acc: i < n, body, (0, h0, tf.zeros(tf.concat([[n], tf.shape(h0)], 0), h0.dtype)))
+    _, _, acc = tf.while_loop(lambda i, h, acc: i < n, body,
+                              (0, h0, tf.zeros(tf.concat([[n], tf.shape(h0)], 0), h0.dtype)))
     return acc
 
 def _compiled(fn):
@@ -133,7 +143,8 @@ def chunked_scan(a, b,       # coefficients and inputs, (batch, time, features),
                  chunk=CHUNK,# steps per chunk
                 ):           # h for every step, shaped like b
     "`h_t = a_t*h_{t-1} + b_t` in linear space: a loop inside chunks (unrolled), a loop across chunks, a correction."
-    if b.shape[1] is not None: chunk = max(1, min(chunk, b.shape[1]))   # short sequences: no padding to a whole chunk
+    if b.shape[1] is not None:
+        chunk = max(1, min(chunk, b.shape[1]))   # short sequences: no padding to a whole chunk
     B, T, D = ops.shape(b)
     n = (T + chunk - 1) // chunk
     pad = [[0, 0], [0, n*chunk - T], [0, 0]]
@@ -159,7 +170,8 @@ def _pairs(a, b):
     n2 = T // 2
     a0, a1, b0, b1 = a[:, 0:2*n2:2], a[:, 1:2*n2:2], b[:, 0:2*n2:2], b[:, 1:2*n2:2]
     h_odd = _pairs(a1*a0, a1*b0 + b1)                        # h at steps 1, 3, 5, ...
-    h_even = ops.concatenate([b[:, :1], a[:, 2::2]*h_odd[:, :(T - 1)//2] + b[:, 2::2]], 1)   # steps 0, 2, 4, ...
+    # steps 0, 2, 4, ...
+    h_even = ops.concatenate([b[:, :1], a[:, 2::2]*h_odd[:, :(T - 1)//2] + b[:, 2::2]], 1)
     h = ops.reshape(ops.stack([h_even[:, :n2], h_odd], 2), (-1, 2*n2, ops.shape(b)[2]))      # interleave
     return ops.concatenate([h, h_even[:, n2:]], 1) if T % 2 else h
 
@@ -198,7 +210,8 @@ def linear_scan(a, b, h0,             # (batch, time, features), same; h0: (batc
     "The linear recurrence in linear space, no gradient: the building block of `parallel_scan` and of its gradient."
     scan = SCANS[method or scan_method()]
     if not reverse: return scan(a, b, h0)
-    a_next = ops.concatenate([a[:, 1:], ops.ones_like(a[:, :1])], 1)       # a_{t+1}; past the end nothing flows back
+    # a_{t+1}; past the end nothing flows back
+    a_next = ops.concatenate([a[:, 1:], ops.ones_like(a[:, :1])], 1)
     return ops.flip(scan(ops.flip(a_next, 1), ops.flip(b, 1), ops.zeros_like(h0)), 1)
 
 # %% ../nbs/02_scan.ipynb #56a10e94
@@ -222,6 +235,7 @@ def parallel_scan(log_a,        # log of the decay coefficients a_t, (batch, tim
                   method=None,  # "chunked" (two-level) or "associative"; default: scan_method()
                  ):             # h_t for every step, shaped like log_b
     "`h_t = a_t*h_{t-1} + b_t` for the whole sequence at once, in linear space, with one more scan for its gradient."
-    if method not in (None, *SCANS): raise ValueError(f'method must be one of {", ".join(map(repr, SCANS))} or None, not {method!r}')
+    if method not in (None, *SCANS):
+        raise ValueError(f'method must be one of {", ".join(map(repr, SCANS))} or None, not {method!r}')
     log_a, log_b, h0 = _check_inputs(log_a, log_b, log_h0, h0)
     return _scan_with_grad(method or scan_method())(log_a, log_b, h0)

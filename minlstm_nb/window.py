@@ -31,7 +31,8 @@ def make_windows(ids,               # token ids in text order (list or 1-D integ
     _check_seq_length(seq_length)
     ids = _as_ids(ids)
     if len(ids) < seq_length + 1:
-        raise ValueError(f'need at least seq_length + 1 = {seq_length + 1} tokens to make one window, got {len(ids)}')
+        raise ValueError(f'need at least seq_length + 1 = {seq_length + 1} tokens to make one window, got '
+                         f'{len(ids)}')
     X = np.lib.stride_tricks.sliding_window_view(ids[:-1], seq_length).astype(np.int32)
     return X, ids[seq_length:].astype(np.int32)
 
@@ -44,18 +45,22 @@ def split_windows(ids,                    # token ids in text order
     "Windows for training from the start of `ids`, for validation from its end; no token position is on both sides."
     _check_seq_length(seq_length)
     ids = _as_ids(ids)
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction,
+                                                        (int, float)) or not 0 < val_fraction < 1:
         raise ValueError(f'val_fraction must be a number strictly between 0 and 1, got {val_fraction!r}')
     n_val = int(round(len(ids) * val_fraction))
     cut = len(ids) - n_val
     if min(cut, n_val) < seq_length + 1:
-        raise ValueError(f'{len(ids)} tokens are too few to split with val_fraction={val_fraction} and seq_length={seq_length}: '
-                         f'each side needs at least {seq_length + 1} tokens (training would get {cut}, validation {n_val})')
+        raise ValueError(f'{len(ids)} tokens are too few to split with val_fraction={val_fraction} and '
+                         f'seq_length={seq_length}: '
+                         f'each side needs at least {seq_length + 1} tokens (training would get {cut}, '
+                         f'validation {n_val})')
     train, val = make_windows(ids[:cut], seq_length), make_windows(ids[cut:], seq_length)
     if drop_duplicates:
         seen = {tuple(r) for r in np.column_stack(train).tolist()}
         keep = np.array([tuple(r) not in seen for r in np.column_stack(val).tolist()], dtype=bool)
-        if not keep.any(): raise ValueError('every validation window also occurs in training: nothing is left to validate on')
+        if not keep.any():
+            raise ValueError('every validation window also occurs in training: nothing is left to validate on')
         val = (val[0][keep], val[1][keep])
     return train, val
 

@@ -57,8 +57,7 @@ def _serialized(name, value):  # a constructor argument as get_config returns it
 class _MinCell(keras.layers.Layer):
     "Shared machinery of the minimal RNN cells: Dense projections named after the paper, one step of the recurrence."
     projections, forget = (), None
-    dense_args = ('use_bias', 'kernel_initializer', 'bias_initializer', 'kernel_regularizer',
-                  'bias_regularizer',
+    dense_args = ('use_bias', 'kernel_initializer', 'bias_initializer', 'kernel_regularizer', 'bias_regularizer',
                   'kernel_constraint', 'bias_constraint')
     def __init__(self, units, use_bias=True, kernel_initializer='glorot_uniform', bias_initializer='zeros',
                  kernel_regularizer=None, bias_regularizer=None, kernel_constraint=None, bias_constraint=None,
@@ -157,8 +156,8 @@ def gate_scan(ks,          # pre-activations: [k_f, k_i, k_h] (minLSTM) or [k_z,
             da, db = gs*ops.concatenate([h0_[:, None], h[:, :-1]], 1), gs
             if m is not None:
                 da, db = ops.where(m, da, ops.zeros_like(da)), ops.where(m, db, ops.zeros_like(db))
-            return (*_coefficient_grads(ks_, d, lstm, da, db), gs[:, 0]
-                    *a[:, 0]) + ((ops.zeros_like(args[n + 1]),) if m is not None else ())
+            return ((*_coefficient_grads(ks_, d, lstm, da, db), gs[:, 0]*a[:, 0])
+                    + ((ops.zeros_like(args[n + 1]),) if m is not None else ()))
         return h, grad
     return run(*ks, h0) if mask is None else run(*ks, h0, ops.cast(mask, ks[0].dtype))
 
@@ -260,8 +259,8 @@ class _MinRNN(keras.layers.Layer):
         if backend == 'kernel' and keras.backend.backend() != 'tensorflow':   # the kernel is a TensorFlow op
             raise ValueError(f'backend="kernel" cannot run here: the {keras.backend.backend()} backend runs '
                              f'the keras.ops path (use None or "portable")')
-        if isinstance(expansion_factor, bool) or not isinstance(expansion_factor,
-                                                                (int, float)) or not expansion_factor >= 1:
+        if (isinstance(expansion_factor, bool) or not isinstance(expansion_factor, (int, float))
+                or not expansion_factor >= 1):
             raise ValueError(f'expansion_factor must be a number >= 1, got {expansion_factor!r}')
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
             raise TypeError(f'seed must be an int or None, not {type(seed).__name__}')
@@ -288,9 +287,8 @@ class _MinRNN(keras.layers.Layer):
         if self.stateful and self._state is None:
             if input_shape[0] is None:
                 raise ValueError(f'{self.name} is stateful, so it needs a fixed batch size (its state holds '
-                                 f'one row per '
-                                 f'sequence): give it, e.g. keras.Input(shape, batch_size=32); got inputs '
-                                 f'{tuple(input_shape)}')
+                                 f'one row per sequence): give it, e.g. keras.Input(shape, batch_size=32); '
+                                 f'got inputs {tuple(input_shape)}')
             object.__setattr__(self, '_state', keras.Variable(
                 np.zeros((input_shape[0], self.state_units)), dtype=scan_dtype(self.compute_dtype),
                 trainable=False,
@@ -298,8 +296,7 @@ class _MinRNN(keras.layers.Layer):
         self.built = True
 
     # The carried state is a variable of the layer (so fit and predict carry it under jit, on every backend)
-    # but not
-    # one of its weights: get_weights/set_weights see the projections only, as for Keras' LSTM.
+    # but not one of its weights: get_weights/set_weights see the projections only, as for Keras' LSTM.
     @property
     def variables(self): return super().variables + ([self._state] if self._state is not None else [])
 

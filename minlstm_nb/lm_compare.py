@@ -297,17 +297,27 @@ def compare_lm(corpus, contexts=(256, 1024), kinds=KINDS, out=print, status=None
 
 def _secs(s): return f'{s:.1f} s' if s < 10 else f'{s:,.0f} s'
 
-def lm_table(results:list)->str:
-    "A markdown table of `compare_lm`'s results: per context, per model."
-    rows = ['| context | model | width | parameters | best validation loss (nats/char) | bits/char | training tokens/s | training time | reaches the Transformer\'s final loss | generation, ms/char at the end of the context |',
-            '|---|---|---|---|---|---|---|---|---|---|']
+def lm_table(results:list, plain:bool=False)->str:
+    "`compare_lm`'s results, per context and model: a markdown table, or aligned text for a terminal (`plain`)."
+    head = ['context', 'model', 'width', 'parameters', 'best validation loss (nats/char)', 'bits/char',
+            'training tokens/s', 'training time', "reaches the Transformer's final loss",
+            'generation, ms/char at the end of the context']
+    short = ['context', 'model', 'width', 'params', 'best loss', 'bits/char', 'tokens/s', 'time',
+             "reaches Transformer's loss", 'ms/char']
+    body = []
     for r in results:
         g, reach = r.get('generation_ms') or {}, r.get('reaches_transformer')
         reach = 'not reached' if reach is None else f'step {reach[0]}, {_secs(reach[1])}'
-        gen = f'{g[max(g)]:.1f}' if g else '-'
-        rows.append(f"| {r['context']} | {NAMES[r['kind']]} | {r['width']} | {r['params']:,} | {r['best_loss']:.3f} | {r['best_loss']/math.log(2):.3f} | "
-                    f"{r['tokens_per_second']:,.0f} | {_secs(r['seconds'])} | {reach} | {gen} |")
-    return '\n'.join(rows)
+        body.append([str(r['context']), NAMES[r['kind']], str(r['width']), f"{r['params']:,}",
+                     f"{r['best_loss']:.3f}", f"{r['best_loss']/math.log(2):.3f}", f"{r['tokens_per_second']:,.0f}",
+                     _secs(r['seconds']), reach, f'{g[max(g)]:.1f}' if g else '-'])
+    if not plain:
+        return '\n'.join([f"| {' | '.join(head)} |", '|---' * len(head) + '|']
+                         + [f"| {' | '.join(b)} |" for b in body])
+    w = [max(len(row[i]) for row in [short] + body) for i in range(len(short))]
+    line = lambda row: '  '.join(c.ljust(n) if i in (1, 8) else c.rjust(n)
+                                 for i, (c, n) in enumerate(zip(row, w))).rstrip()
+    return '\n'.join([line(short), '  '.join('-' * n for n in w)] + [line(b) for b in body])
 
 def plot_lm(results:list, corpus=None):
     "Validation loss against training steps and against training seconds, one row per context length."
@@ -339,36 +349,56 @@ def plot_generation(results:list):
     return fig
 
 # %% ../nbs/09_language_model.ipynb #d2bfb1a3
-PAPER_LM = {   # Feng et al. 2024, arXiv:2410.01201, language modelling; None: not checked against the paper's text
-    'corpus': 'Shakespeare, character level (nanoGPT setup)',
+PAPER_LM = {   # Feng et al. 2024, arXiv:2410.01201 v3, section 4.3 and appendix C
+    'corpus': "Shakespeare, character level, nanoGPT's split: 1,003,854 training and 111,540 test characters",
     'models': 'minGRU, minLSTM, Mamba, Transformer',
-    'result': 'minGRU and minLSTM reach a test loss comparable to the Transformer\'s',
-    'Transformer steps to a comparable loss': 'about 2.5x more',
-    'test losses': None, 'parameters': None, 'context length': None, 'hardware': None}
+    'architecture': '3 layers, width 384, dropout 0.2; blocks Conv4 -> minRNN -> MLP, expansion factor 2; '
+                    'the Transformer with 6 heads',
+    'context length': '256',
+    'budget': 'AdamW at 1e-3, gradient clipping 0.25; 5,000 steps at batch 64 (82 M characters); '
+              'evaluated every 25 steps',
+    'best loss': 'test: minGRU 1.548, minLSTM 1.555, Mamba 1.575, Transformer 1.547',
+    'best step': 'minGRU 575, minLSTM 625, Transformer about 2,000',
+    'Transformer steps to a comparable loss': 'about 2.5x more than minGRU',
+    'claim': "minGRU and minLSTM reach a test loss comparable to the Transformer's"}
+
+def _best_step(r): return min(r['curve'], key=lambda c: c[2])[0]
 
 def paper_table(results:list, corpus:CharCorpus)->str:
-    "The paper's language-modelling setting and claims beside this run's."
+    "The paper's language-modelling setting and results beside this run's."
     T = max(r['context'] for r in results)
     at = {r['kind']: r for r in results if r['context'] == T}
     ratio = '-'
     if 'transformer' in at and 'minlstm' in at and at['minlstm'].get('reaches_transformer'):
         tr_step = time_to_reach(at['transformer']['curve'], at['transformer']['final_loss'])[0]
-        ratio = f"{tr_step / at['minlstm']['reaches_transformer'][0]:.1f}x (context {T}: step {tr_step} against minLSTM's {at['minlstm']['reaches_transformer'][0]})"
+        ratio = (f"{tr_step / at['minlstm']['reaches_transformer'][0]:.1f}x more than minLSTM (context {T}: "
+                 f"the Transformer's final loss at step {tr_step}, minLSTM's at step "
+                 f"{at['minlstm']['reaches_transformer'][0]})")
     elif 'transformer' in at and 'minlstm' in at: ratio = f"minLSTM did not reach the Transformer's final loss (context {T})"
-    losses = ', '.join(f"{NAMES[k]} {r['best_loss']:.3f}" for k, r in at.items())
     r0 = results[0]
-    nf = 'not checked against the paper\'s text'
-    rows = [('corpus', PAPER_LM['corpus'], f'Python {sys.version_info[0]}.{sys.version_info[1]} standard library, character level, '
-             f'{len(corpus.train_ids)/1e6:.1f} M training and {len(corpus.val_ids)/1e6:.2f} M held-out characters (held out by file)'),
-            ('models', PAPER_LM['models'], ', '.join(NAMES[k] for k in at) + ' (no Mamba)'),
-            ('parameters', PAPER_LM['parameters'] or nf, f"about {r0['params']:,} each, matched within 10%"),
-            ('context length', PAPER_LM['context length'] or nf, ', '.join(str(c) for c in sorted({r['context'] for r in results}))),
-            ('budget', nf, f"{r0['steps']} steps of {r0['tokens_per_step']:,} characters ({r0['steps']*r0['tokens_per_step']/1e6:.1f} M characters) for every model"),
-            ('hardware', PAPER_LM['hardware'] or nf, f'this machine\'s CPU ({os.cpu_count()} cores)'),
-            ('best loss (nats/char)', PAPER_LM['test losses'] or nf, f'validation, context {T}: {losses}'),
-            ('Transformer steps to the same loss', PAPER_LM['Transformer steps to a comparable loss'], ratio),
-            ('claim', PAPER_LM['result'], 'see the discussion below')]
-    return '\n'.join(['| | paper | here |', '|---|---|---|'] + [f'| {a} | {b} | {c} |' for a, b, c in rows])
+    chars = r0['steps']*r0['tokens_per_step']
+    ws = sorted({r['width'] for r in results})
+    widths = f' {ws[0]}' if len(ws) == 1 else f's {ws[0]} to {ws[-1]}'
+    rows = [('corpus', f'Python {sys.version_info[0]}.{sys.version_info[1]} standard library, character level, '
+                       f'{len(corpus.train_ids):,} training and {len(corpus.val_ids):,} held-out characters (held out by file)'),
+            ('models', ', '.join(NAMES[k] for k in at) + ' (no Mamba)'),
+            ('architecture', f"{r0['depth']} layers, width{widths} (about {r0['params']:,} parameters each, matched "
+                             f"within 10%), no dropout; blocks RNN -> MLP, no convolution; the Transformer with "
+                             f"{r0['heads']} heads"),
+            ('context length', ', '.join(str(c) for c in sorted({r['context'] for r in results}))),
+            ('budget', f"Adam at {r0['learning_rate']:g} with warm-up and cosine decay, gradient clipping 1.0; "
+                       f"{r0['steps']} steps of {r0['tokens_per_step']:,} characters ({chars:,} characters); "
+                       f"on this machine's CPU ({os.cpu_count()} cores)"),
+            ('best loss', f'validation, context {T}: ' + ', '.join(f"{NAMES[k]} {r['best_loss']:.3f}" for k, r in at.items())),
+            ('best step', f'context {T}: ' + ', '.join(f"{NAMES[k]} {_best_step(r)}" for k, r in at.items())
+                          + f" (of {r0['steps']})"),
+            ('Transformer steps to a comparable loss', ratio),
+            ('claim', 'see the discussion below')]
+    keys = ['corpus', 'models', 'architecture', 'context length', 'budget', 'best loss', 'best step',
+            'Transformer steps to a comparable loss', 'claim']
+    return '\n'.join(['| | paper | here |', '|---|---|---|'] + [f'| {a} | {PAPER_LM[k]} | {c} |'
+                                                              for k, (a, c) in zip(keys, rows)])
+
 
 # %% ../nbs/09_language_model.ipynb #337f4afc
 def _without_models(results):
@@ -407,7 +437,7 @@ def minlstm_lm(contexts:str='256,1024',     # comma-separated context lengths, i
     try: res = compare_lm(corpus, Ts, kinds, out=lambda line: (status.clear(), print(line)), status=status, params=params, heads=heads,
                           steps=steps, tokens_per_step=tokens_per_step, learning_rate=learning_rate, seed=seed)
     except (ValueError, TypeError) as e: status.clear(); fail(e)
-    status.clear(); print(lm_table(res))
+    status.clear(); print(lm_table(res, plain=True))
     if json:
         import json as js
         with atomic_write(json) as tmp: Path(tmp).write_text(js.dumps(_without_models(res), indent=1))

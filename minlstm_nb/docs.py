@@ -237,13 +237,22 @@ def offline_cells(nb, pages, modules=()):  # modules: where the cards' objects m
     return nb, fm.get('title', 'Untitled')
 
 # %% ../nbs/90_docs.ipynb #b8e2c002
+def _import_quietly(module):
+    "Import `module` with file descriptor 2 closed: TensorFlow prints CUDA and oneDNN lines there whatever its log level."
+    import importlib, os
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+    fd, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try: importlib.import_module(module)
+    finally: os.dup2(fd, 2); os.close(fd); os.close(null)
+
 def package_modules(first=None)->list:
     "The package's modules (from nbdev's index), `first` (a module's name, as in `default_exp`) at the front."
     import importlib
     from nbdev.config import get_config
     lib, mods = get_config().lib_name, []
     for name in importlib.import_module(f'{lib}._modidx').d['syms']:
-        try: mods.append(importlib.import_module(name))
+        try: _import_quietly(name); mods.append(importlib.import_module(name))   # TensorFlow's start-up lines: not here
         except ImportError: pass
     return sorted(mods, key=lambda m: m.__name__ != f'{lib}.{first}')
 
@@ -451,16 +460,6 @@ def check_docs(out='_docs_lite'):
             elif frag and frag not in target.ids:
                 problems.append(f'{f}: dead link {href!r} (no anchor #{frag} in {page or f})')
     return problems
-
-# %% ../nbs/90_docs.ipynb #4c70e724
-def _import_quietly(module):
-    "Import `module` with file descriptor 2 closed: TensorFlow prints CUDA and oneDNN lines there whatever its log level."
-    import importlib, os
-    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-    fd, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 2)
-    try: importlib.import_module(module)
-    finally: os.dup2(fd, 2); os.close(fd); os.close(null)
 
 # %% ../nbs/90_docs.ipynb #5096e0b3
 @call_parse

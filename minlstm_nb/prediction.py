@@ -14,7 +14,8 @@ import keras
 from fastcore.basics import patch
 from fastcore.script import call_parse, Param, store_true
 from .cell import MinGRU, MinLSTM
-from .training import LanguageModel, ResidualBlock, initial_states, rnn_step
+from .training import LanguageModel
+from .blocks import ResidualBlock, initial_states, rnn_step
 from .tokenize import Tokenizer
 from .faults import fault_point, is_disk_full, disk_full, temp_prefix, remove_stale_temps, _TMP, _alive
 

@@ -11,7 +11,7 @@ import sys, time
 import numpy as np
 import tensorflow as tf
 import keras
-from .training import CELLS, ResidualBlock, _check_int, _check_cell
+from .blocks import CELLS, ResidualBlock, _check_int, _check_cell
 
 # %% ../nbs/07_selective_copy.ipynb #d5d14354
 NOISE, MARKER = 0, 1

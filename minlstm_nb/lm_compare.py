@@ -349,14 +349,22 @@ def time_to_reach(curve:list, # [(step, seconds, validation loss)], as train_lm 
 # %% ../nbs/09_language_model.ipynb #45ca05fc
 GEN_POSITIONS = (16, 64, 256, 1024, 4096)
 
+def _steps_for(steps_for, kinds):
+    "Check `steps_for` (model -> training steps) against `kinds`; an empty dict for None."
+    steps_for = dict(steps_for or {})
+    bad = [k for k in steps_for if k not in kinds]
+    if bad: raise ValueError(f'steps_for names unknown model(s) {", ".join(map(repr, bad))}: choose from {", ".join(kinds)}')
+    for k, n in steps_for.items(): _check_int(f'steps_for[{k!r}]', n)
+    return steps_for
+
 def compare_lm(corpus, contexts=(256,), kinds=KINDS, out=print, status=None, positions=GEN_POSITIONS,
-               prompt:str='KING.\n', **kwargs)->list:
-    "Train every model of `kinds` at every context length with the same settings (`train_lm`'s); each result keeps its trained model under `'model'`."
-    res = []
+               prompt:str='KING.\n', steps_for:dict|None=None, **kwargs)->list:
+    "Train every model of `kinds` at every context length with the same settings (`train_lm`'s), except the training steps `steps_for` gives a model (its own learning-rate schedule then spans them); each result keeps its trained model under `'model'`."
+    res, steps_for = [], _steps_for(steps_for, kinds)
     for T in contexts:
         for k in kinds:
             if status: status(f'context {T}: training {NAMES[k]}')
-            r = train_lm(k, corpus, T, out=None, **kwargs)
+            r = train_lm(k, corpus, T, out=None, **{**kwargs, **({'steps': steps_for[k]} if k in steps_for else {})})
             if status: status(f'context {T}: timing generation with {NAMES[k]}')
             r['generation_ms'] = generation_ms(r, positions)
             r['sample'] = generate_text(r, corpus, prompt, 200, seed=0)
@@ -508,12 +516,16 @@ def paper_table(results:list, corpus, cpu:str|None=None, backend:str|None=None, 
                              f"{r0['heads']} heads"),
             ('context length', ', '.join(str(t) for t in sorted({r['context'] for r in results}))),
             ('budget', f"AdamW at {r0['learning_rate']:g} (warm-up, cosine decay), gradient clipping {r0['clip']:g}; "
-                       f"{r0['steps']:,} steps of {r0['tokens_per_step']:,} characters ({chars/1e6:.1f} M characters)"),
+                       f"{r0['steps']:,} steps of {r0['tokens_per_step']:,} characters ({chars/1e6:.1f} M characters)"
+                       + ''.join(f"; the {NAMES[k]} {r['steps']:,} ({r['steps']*r['tokens_per_step']/1e6:.1f} M)"
+                                 for k, r in at.items() if r['steps'] != r0['steps'])),
             ('device', f"{cpu or cpu_model()}, Keras on {backend or keras.backend.backend()}"
                        + (f" ({', '.join(devices)})" if devices else '')),
             ('best loss', f'validation, context {T}: ' + ', '.join(f"{NAMES[k]} {r['best_loss']:.3f}" for k, r in at.items())),
-            ('best step', f'context {T}: ' + ', '.join(f"{NAMES[k]} {r['best_step']}" for k, r in at.items())
-                          + f" (of {r0['steps']:,})"),
+            ('best step', f'context {T}: ' + ', '.join(f"{NAMES[k]} {r['best_step']}"
+                                                      + (f" of {r['steps']:,}" if r['steps'] != r0['steps'] else '')
+                                                      for k, r in at.items())
+                          + f" (of {r0['steps']:,}" + (' for the others)' if any(r['steps'] != r0['steps'] for r in at.values()) else ')')),
             ('Transformer steps to its best', ratio),
             ('claim', 'see the discussion below')]
     keys = ['corpus', 'models', 'architecture', 'context length', 'budget', 'device', 'best loss', 'best step',
@@ -525,10 +537,12 @@ def paper_table(results:list, corpus, cpu:str|None=None, backend:str|None=None, 
 PAPER_PRESET = dict(contexts='256', width=384, heads=6, steps=5000, tokens_per_step=64*256, dropout=0.2,
                     learning_rate=1e-3, eval_every=25, eval_tokens=65536)
 
-def estimate_seconds(corpus, kinds, context, steps, eval_every, eval_tokens, trial_steps:int=3, **kwargs)->dict:
-    "Seconds each model of `kinds` would take for `steps` training steps and their validations on this machine, from `trial_steps` timed steps."
-    out = {}
+def estimate_seconds(corpus, kinds, context, steps, eval_every, eval_tokens, trial_steps:int=3, steps_for:dict|None=None,
+                     **kwargs)->dict:
+    "Seconds each model of `kinds` would take for `steps` training steps (or those `steps_for` gives it) and their validations on this machine, from `trial_steps` timed steps."
+    out, steps_for = {}, _steps_for(steps_for, kinds)
     for k in kinds:
+        n = steps_for.get(k, steps)
         r = train_lm(k, corpus, context, steps=trial_steps + 1, eval_every=trial_steps + 1, eval_tokens=eval_tokens, **kwargs)
         m, (xv, yv) = r['model'], validation_windows(corpus.val_ids, context, eval_tokens)
         vb = max(1, min(len(xv), r['batch_size']))
@@ -536,7 +550,7 @@ def estimate_seconds(corpus, kinds, context, steps, eval_every, eval_tokens, tri
         for i in range(0, len(xv) - len(xv) % vb, vb): m.test_on_batch(xv[i:i+vb], yv[i:i+vb])
         ev = time.perf_counter() - t0
         per = r['seconds'] / trial_steps
-        out[k] = dict(step_seconds=per, eval_seconds=ev, seconds=steps*per + (steps // eval_every + 1)*ev, params=r['params'])
+        out[k] = dict(step_seconds=per, eval_seconds=ev, steps=n, seconds=n*per + (n // eval_every + 1)*ev, params=r['params'])
     return out
 
 def _hours(s): return f'{s/3600:.1f} h' if s >= 3600 else f'{s/60:.0f} min'
@@ -545,6 +559,7 @@ def _hours(s): return f'{s/3600:.1f} h' if s >= 3600 else f'{s/60:.0f} min'
 def minlstm_lm(contexts:str='256',          # comma-separated context lengths, in characters
                models:str=','.join(KINDS),  # comma-separated models: minlstm, mingru, lstm, gru, transformer
                steps:int=300,               # training steps, the same for every model
+               transformer_steps:int=None,  # the Transformer's own training steps (default: --steps), for its slower descent
                params:int=100_000,          # parameters every model is matched to (within 10%)
                width:int=None,              # or: this width for every model (parameters then differ)
                depth:int=3,                 # blocks
@@ -578,26 +593,30 @@ def minlstm_lm(contexts:str='256',          # comma-separated context lengths, i
     for T in Ts:
         if tokens_per_step % T: fail(f'--tokens_per_step ({tokens_per_step}) must be a multiple of every context length ({T} does not divide it)')
     if width is not None and 'transformer' in kinds and width % heads: fail(f'--width ({width}) must be a multiple of --heads ({heads})')
+    if transformer_steps is not None and transformer_steps < 1: fail(f'--transformer_steps must be at least 1, got {transformer_steps}')
+    steps_for = {'transformer': transformer_steps} if transformer_steps is not None and 'transformer' in kinds else {}
     try: corpus = CharCorpus(files)
     except (FileNotFoundError, ValueError) as e: fail(e)
     from .cli import StatusLine
     status = StatusLine()
     size = f'models {width} wide' if width else f'models of about {params:,} parameters'
-    print(f'{corpus}; {steps:,} steps of {tokens_per_step:,} characters, {size}')
+    own = f" (the Transformer {steps_for['transformer']:,})" if steps_for else ''
+    print(f'{corpus}; {steps:,} steps{own} of {tokens_per_step:,} characters, {size}')
     ev = eval_every or max(1, steps // 20)
     train_args = dict(params=params, width=width, depth=depth, heads=heads, dropout=dropout, steps=steps,
                       tokens_per_step=tokens_per_step, learning_rate=learning_rate, eval_every=ev,
                       eval_tokens=eval_tokens, seed=seed)
     if paper or estimate:
         status('timing a few steps of each model')
-        est = estimate_seconds(corpus, kinds, Ts[0], **{k: v for k, v in train_args.items() if k != 'seed'})
+        est = estimate_seconds(corpus, kinds, Ts[0], steps_for=steps_for, **{k: v for k, v in train_args.items() if k != 'seed'})
         status.clear()
         total = sum(e['seconds'] for e in est.values())*len(Ts)
         print(f'estimated time on this machine ({cpu_model()}, {os.cpu_count()} cores): {_hours(total)} - '
               + ', '.join(f"{NAMES[k]} {_hours(e['seconds'])} ({e['step_seconds']:.2f} s/step, {e['params']:,} parameters)"
                           for k, e in est.items()))
         if estimate: return
-    try: res = compare_lm(corpus, Ts, kinds, out=lambda line: (status.clear(), print(line)), status=status, **train_args)
+    try: res = compare_lm(corpus, Ts, kinds, out=lambda line: (status.clear(), print(line)), status=status,
+                          steps_for=steps_for, **train_args)
     except (ValueError, TypeError) as e: status.clear(); fail(e)
     status.clear(); print(lm_table(res, plain=True))
     if json:

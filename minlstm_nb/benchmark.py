@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 from fastcore.script import call_parse, store_true
+from .tokenize import atomic_write
 from .kernels import explain, cpu_model, kernel_status, forget_kernel, print_kernel_report
 from .cell import MinGRU, MinLSTM, min_rnn_scan
 from .training import build_model
@@ -244,7 +245,9 @@ def step_breakdown(T:int=4096,       # sequence length
 
 # %% ../nbs/06_benchmark.ipynb #ee702337
 def _write_json(path, res):
-    with open(path, 'w') as f: json.dump(res, f, indent=1)
+    "Write `res` to `path` as JSON, atomically: a failure leaves an existing file as it was."
+    text = json.dumps(res, indent=1)
+    with atomic_write(path, suffix='.json') as tmp: tmp.write_text(text)
     return path
 
 @call_parse

@@ -594,6 +594,7 @@ def minlstm_lm(contexts:str='256',          # comma-separated context lengths, i
         if tokens_per_step % T: fail(f'--tokens_per_step ({tokens_per_step}) must be a multiple of every context length ({T} does not divide it)')
     if width is not None and 'transformer' in kinds and width % heads: fail(f'--width ({width}) must be a multiple of --heads ({heads})')
     if transformer_steps is not None and transformer_steps < 1: fail(f'--transformer_steps must be at least 1, got {transformer_steps}')
+    if transformer_steps is not None and 'transformer' not in kinds: fail(f'--transformer_steps ({transformer_steps}) was given, but --models has no transformer')
     steps_for = {'transformer': transformer_steps} if transformer_steps is not None and 'transformer' in kinds else {}
     try: corpus = CharCorpus(files)
     except (FileNotFoundError, ValueError) as e: fail(e)

@@ -364,7 +364,7 @@ def compare_lm(corpus, contexts=(256,), kinds=KINDS, out=print, status=None, pos
     for T in contexts:
         for k in kinds:
             if status: status(f'context {T}: training {NAMES[k]}')
-            r = train_lm(k, corpus, T, out=None, **{**kwargs, **({'steps': steps_for[k]} if k in steps_for else {})})
+            r = train_lm(k, corpus, T, out=None, **(dict(kwargs, steps=steps_for[k]) if k in steps_for else kwargs))
             if status: status(f'context {T}: timing generation with {NAMES[k]}')
             r['generation_ms'] = generation_ms(r, positions)
             r['sample'] = generate_text(r, corpus, prompt, 200, seed=0)
@@ -595,7 +595,7 @@ def minlstm_lm(contexts:str='256',          # comma-separated context lengths, i
     if width is not None and 'transformer' in kinds and width % heads: fail(f'--width ({width}) must be a multiple of --heads ({heads})')
     if transformer_steps is not None and transformer_steps < 1: fail(f'--transformer_steps must be at least 1, got {transformer_steps}')
     if transformer_steps is not None and 'transformer' not in kinds: fail(f'--transformer_steps ({transformer_steps}) was given, but --models has no transformer')
-    steps_for = {'transformer': transformer_steps} if transformer_steps is not None and 'transformer' in kinds else {}
+    steps_for = {} if transformer_steps is None else {'transformer': transformer_steps}
     try: corpus = CharCorpus(files)
     except (FileNotFoundError, ValueError) as e: fail(e)
     from .cli import StatusLine

@@ -13,8 +13,10 @@ import numpy as np
 import tensorflow as tf
 import keras
 from fastcore.script import call_parse, store_true
-from .tokenize import atomic_write
-from .kernels import explain, cpu_model, kernel_status, forget_kernel, print_kernel_report
+from .durable import atomic_write
+from .machine import cpu_model
+from .console import StatusLine
+from .kernels import explain, kernel_status, forget_kernel, print_kernel_report
 from .cell import MinGRU, MinLSTM, min_rnn_scan
 from .training import build_model
 from .prediction import step_function, model_initial_states
@@ -282,7 +284,6 @@ def minlstm_bench(lengths:str='64,256,512,1024,4096', # comma-separated sequence
         print(f'minlstm_bench: error: --lengths must be positive integers separated by commas, got {lengths!r}', file=sys.stderr); sys.exit(2)
     for name, v in (('batch', batch), ('units', units), ('runs', runs)):
         if v < 1: print(f'minlstm_bench: error: --{name} must be at least 1, got {v}', file=sys.stderr); sys.exit(2)
-    from .cli import StatusLine
     status = StatusLine()
     res = run_benchmark(Ts, batch, units, runs, generation=not no_generation, log=lambda line: (status.clear(), print(line)), status=status)
     status.clear(); print(format_table(res))

@@ -10,6 +10,7 @@ __all__ = ['BACKENDS', 'NOT_APPLICABLE', 'SUPPORTED', 'g', 'log_g', 'mingru_gate
 import numpy as np
 import keras
 from keras import ops
+from .checks import check_int, check_rate
 from .scan import step_scan, linear_scan, scan_method, SCANS
 
 # %% ../nbs/03_cell.ipynb #adf93e50
@@ -37,12 +38,6 @@ def minlstm_gates(k_f, # forget gate's pre-activation, linear_f(x)
     return -ops.softplus(d), -ops.softplus(-d) + log_g(k_h)
 
 # %% ../nbs/03_cell.ipynb #0b3d2193
-def _check_units(units, name='units'):
-    if isinstance(units, bool) or not isinstance(units, (int, np.integer)):
-        raise TypeError(f'{name} must be an int, not {type(units).__name__}')
-    if units < 1: raise ValueError(f'{name} must be at least 1, got {units}')
-    return int(units)
-
 def scan_dtype(dtype)->str:
     "The dtype gates and scan run in: float32 for half-precision compute dtypes, else the dtype itself."
     dtype = keras.backend.standardize_dtype(dtype)
@@ -63,7 +58,7 @@ class _MinCell(keras.layers.Layer):
                  kernel_regularizer=None, bias_regularizer=None, kernel_constraint=None, bias_constraint=None,
                  **kwargs):
         super().__init__(**kwargs)
-        self.units = _check_units(units)
+        self.units = check_int('units', units)
         self.use_bias = bool(use_bias)
         self.kernel_initializer, self.bias_initializer = kernel_initializer, bias_initializer
         self.kernel_regularizer, self.bias_regularizer = kernel_regularizer, bias_regularizer
@@ -237,11 +232,6 @@ def _refuse_inapplicable(layer, kwargs, names):
                              f'configs load: '
                              f'{" or ".join(map(repr, accepted))})')
 
-def _check_rate(rate):
-    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.floating)) or not 0 <= rate < 1:
-        raise ValueError(f'dropout must be a number in [0, 1), got {rate!r}')
-    return float(rate)
-
 class _MinRNN(keras.layers.Layer):
     "Shared machinery of the minimal RNN layers: projections, then one scan over the whole sequence."
     cell_class, not_applicable = None, ()
@@ -251,7 +241,7 @@ class _MinRNN(keras.layers.Layer):
         _refuse_inapplicable(type(self).__name__, kwargs, self.not_applicable)
         cell_args = {a: kwargs.pop(a) for a in self.cell_class.arguments() if a in kwargs}
         super().__init__(**kwargs)
-        self.units = _check_units(units)
+        self.units = check_int('units', units)
         if mode not in ('parallel', 'sequential'):
             raise ValueError(f'mode must be "parallel" or "sequential", not {mode!r}')
         if backend not in BACKENDS:
@@ -267,7 +257,7 @@ class _MinRNN(keras.layers.Layer):
         self.return_sequences, self.return_state, self.mode = bool(return_sequences), bool(return_state), mode
         self.go_backwards, self.zero_output_for_mask, self.backend = (bool(go_backwards),
                                                                       bool(zero_output_for_mask), backend)
-        self.stateful, self.dropout, self.seed = bool(stateful), _check_rate(dropout), seed
+        self.stateful, self.dropout, self.seed = bool(stateful), check_rate('dropout', dropout), seed
         self.seed_generator = keras.random.SeedGenerator(seed) if self.dropout else None
         self.expansion_factor = expansion_factor
         self.state_units = int(round(self.units*expansion_factor))

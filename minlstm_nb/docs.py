@@ -11,6 +11,8 @@ import os, re, copy, html, shutil, tempfile
 from pathlib import Path
 from html.parser import HTMLParser
 from fastcore.script import call_parse, store_true
+from .console import import_quietly
+
 
 # %% ../nbs/90_docs.ipynb #a7d1c002
 _MML = 'http://www.w3.org/1998/Math/MathML'
@@ -237,22 +239,13 @@ def offline_cells(nb, pages, modules=()):  # modules: where the cards' objects m
     return nb, fm.get('title', 'Untitled')
 
 # %% ../nbs/90_docs.ipynb #b8e2c002
-def _import_quietly(module):
-    "Import `module` with file descriptor 2 closed: TensorFlow prints CUDA and oneDNN lines there whatever its log level."
-    import importlib, os
-    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-    fd, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 2)
-    try: importlib.import_module(module)
-    finally: os.dup2(fd, 2); os.close(fd); os.close(null)
-
 def package_modules(first=None)->list:
     "The package's modules (from nbdev's index), `first` (a module's name, as in `default_exp`) at the front."
     import importlib
     from nbdev.config import get_config
     lib, mods = get_config().lib_name, []
     for name in importlib.import_module(f'{lib}._modidx').d['syms']:
-        try: _import_quietly(name); mods.append(importlib.import_module(name))   # TensorFlow's start-up lines: not here
+        try: import_quietly(name); mods.append(importlib.import_module(name))   # TensorFlow's start-up lines: not here
         except ImportError: pass
     return sorted(mods, key=lambda m: m.__name__ != f'{lib}.{first}')
 

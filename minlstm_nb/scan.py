@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['CHUNK', 'SCANS', 'sequential_scan', 'in_xla', 'tracing_for_export', 'step_scan', 'log_space_scan', 'chunked_scan',
-           'associative_scan', 'visible_devices', 'scan_method', 'linear_scan', 'parallel_scan']
+           'associative_scan', 'scan_method', 'linear_scan', 'parallel_scan']
 
 # %% ../nbs/02_scan.ipynb #483a038a
 import functools, sys
@@ -183,18 +183,6 @@ def associative_scan(a, b,   # coefficients and inputs, (batch, time, features),
     return _pairs(a, ops.concatenate([a[:, :1]*h0[:, None] + b[:, :1], b[:, 1:]], 1))
 
 # %% ../nbs/02_scan.ipynb #9b88b4d5
-def visible_devices()->list:
-    "Device types the Keras backend can place work on, e.g. ['CPU'] or ['CPU', 'GPU']."
-    be = keras.backend.backend()
-    if be == 'tensorflow': return sorted({d.device_type for d in tf.config.list_logical_devices()})
-    if be == 'jax':
-        import jax
-        return sorted({d.platform.upper() for d in jax.devices()})
-    if be == 'torch':
-        import torch
-        return ['CPU'] + (['GPU'] if torch.cuda.is_available() else [])
-    return ['CPU']
-
 def scan_method(devices:list|None=None, # device types (default: visible_devices())
                )->str:                  # "associative" or "chunked"
     "The parallel scan for these devices: associative (log depth) when a GPU or TPU is visible, else the two-level scan."

@@ -11,14 +11,15 @@ import sys, time
 import numpy as np
 import tensorflow as tf
 import keras
-from .blocks import CELLS, ResidualBlock, _check_int, _check_cell
+from .checks import check_int, check_rate, check_choice
+from .blocks import CELLS, ResidualBlock
 
 # %% ../nbs/07_selective_copy.ipynb #d5d14354
 NOISE, MARKER = 0, 1
 VOCAB_SIZE = 16
 
 def _check_task(sequence_length, num_tokens, vocab_size):
-    sequence_length, num_tokens, vocab_size = (_check_int(n, v) for n, v in
+    sequence_length, num_tokens, vocab_size = (check_int(n, v) for n, v in
         [('sequence_length', sequence_length), ('num_tokens', num_tokens), ('vocab_size', vocab_size)])
     if vocab_size < 3: raise ValueError(f'vocab_size must be at least 3 (noise, marker and one data token), got {vocab_size}')
     if num_tokens > sequence_length:
@@ -32,7 +33,7 @@ def selective_copy_data(n:int,                  # examples
                         seed:int=0,             # numpy seed
                        )->tuple:                # x (n, sequence_length + num_tokens), y (n, num_tokens), int32
     "`n` Selective Copying examples: `x` is noise with `num_tokens` data tokens scattered in it, then the markers; `y` the data tokens in order."
-    L, K, V = _check_task(sequence_length, num_tokens, vocab_size); n = _check_int('n', n)
+    L, K, V = _check_task(sequence_length, num_tokens, vocab_size); n = check_int('n', n)
     rng = np.random.default_rng(seed)
     pos = np.sort(np.argsort(rng.random((n, L)), axis=1)[:, :K], axis=1)  # K distinct positions, in order
     y = rng.integers(2, V, (n, K), dtype=np.int32)
@@ -56,8 +57,8 @@ def selective_copy_dataset(batch_size:int=64,        # examples per batch
                            num_batches:int|None=None, # None: endless
                           )->tf.data.Dataset:        # (x, y) int32 batches, prefetched
     "A stream of fresh Selective Copying batches generated inside the `tf.data` pipeline."
-    L, K, V = _check_task(sequence_length, num_tokens, vocab_size); batch_size = _check_int('batch_size', batch_size)
-    ds = tf.data.Dataset.counter() if num_batches is None else tf.data.Dataset.range(_check_int('num_batches', num_batches))
+    L, K, V = _check_task(sequence_length, num_tokens, vocab_size); batch_size = check_int('batch_size', batch_size)
+    ds = tf.data.Dataset.counter() if num_batches is None else tf.data.Dataset.range(check_int('num_batches', num_batches))
     return (ds.map(lambda i: _tf_batch(i, seed, batch_size, L, K, V), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
               .prefetch(tf.data.AUTOTUNE))
 
@@ -72,8 +73,8 @@ def build_copy_model(cell:str='minlstm',       # "minlstm", "mingru", "lstm" or 
                      expansion_factor:float=1, # min-RNN state width relative to units
                     )->keras.Model:            # ids (batch, L + K) -> logits (batch, K, vocab_size)
     "The paper's stacked min-RNN model for Selective Copying: logits for the data token at each marker."
-    _check_cell(cell); L, K, V = _check_task(sequence_length, num_tokens, vocab_size)
-    units, depth = _check_int('units', units), _check_int('depth', depth)
+    check_choice('cell', cell, CELLS); L, K, V = _check_task(sequence_length, num_tokens, vocab_size)
+    units, depth = check_int('units', units), check_int('depth', depth)
     inp = keras.Input((L + K,), dtype='int32', name='ids')
     h = keras.layers.Embedding(V, units, name='embedding')(inp)
     for i in range(depth): h = ResidualBlock(units, cell, ff_mult, expansion_factor, name=f'block_{i}')(h)
@@ -103,8 +104,8 @@ def train_copy(cell:str='minlstm', *, sequence_length:int=64, num_tokens:int=8, 
                verbose:bool=False,        # print a line per evaluation
               )->dict:
     "Train a `build_copy_model` on fresh batches; returns held-out accuracy per token and per sequence, time, parameters, curve."
-    steps, batch_size = _check_int('steps', steps), _check_int('batch_size', batch_size)
-    eval_every = _check_int('eval_every', eval_every) if eval_every is not None else max(1, steps // 10)
+    steps, batch_size = check_int('steps', steps), check_int('batch_size', batch_size)
+    eval_every = check_int('eval_every', eval_every) if eval_every is not None else max(1, steps // 10)
     if steps % eval_every: raise ValueError(f'steps ({steps}) must be a multiple of eval_every ({eval_every})')
     keras.utils.set_random_seed(seed)
     model = build_copy_model(cell, sequence_length, num_tokens, vocab_size, units, depth)

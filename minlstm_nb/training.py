@@ -13,11 +13,12 @@ import tensorflow as tf
 import keras
 from fastcore.basics import patch
 from fastcore.script import call_parse, store_true
-from .tokenize import Tokenizer, sample_text, read_text, read_lines, text_files, atomic_write
+from .durable import atomic_write, fault_point, is_disk_full, disk_full, DiskFullError, remove_stale_temps
+from .tokenize import Tokenizer, sample_text, read_text, read_lines, text_files
 from .window import make_windows, split_windows, stream_batches, count_windows
 from .cell import MinGRU, MinLSTM
-from .blocks import CELLS, ResidualBlock, initial_states, rnn_step, _rnn, _check_int, _check_cell
-from .faults import fault_point, is_disk_full, disk_full, DiskFullError, remove_stale_temps
+from .checks import check_int, check_rate, check_choice
+from .blocks import CELLS, ResidualBlock, initial_states, rnn_step, rnn_layer
 
 # %% ../nbs/04_training.ipynb #9c0c0433
 def build_model(vocab_size:int,        # ids the model reads and predicts (the tokenizer's vocab_size)
@@ -31,10 +32,10 @@ def build_model(vocab_size:int,        # ids the model reads and predicts (the t
                 name:str|None=None,    # the model's name (default: "<cell>_lm")
                )->keras.Model:         # ids (batch, time) -> next-token logits (batch, vocab_size)
     "A next-token model: Embedding, one recurrent layer or `depth` residual blocks, and a Dense head giving logits."
-    _check_cell(cell); vocab_size, units, embedding_dim, depth = (_check_int(n, v) for n, v in
+    check_choice('cell', cell, CELLS); vocab_size, units, embedding_dim, depth = (check_int(n, v) for n, v in
         [('vocab_size', vocab_size), ('units', units), ('embedding_dim', embedding_dim), ('depth', depth)])
     layers = [keras.Input((None,), dtype='int32', name='ids'), keras.layers.Embedding(vocab_size, embedding_dim, mask_zero=True, name='embedding')]
-    if depth == 1: layers.append(_rnn(cell, units, False, cell, expansion_factor, mode))
+    if depth == 1: layers.append(rnn_layer(cell, units, False, cell, expansion_factor, mode))
     else:
         if embedding_dim != units: layers.append(keras.layers.Dense(units, name='embedding_to_units'))
         layers += [ResidualBlock(units, cell, ff_mult, expansion_factor, last_only=(i == depth - 1), name=f'block_{i}')
@@ -118,9 +119,9 @@ def _compile(model, learning_rate):
 def _check_fit_args(text, tokenizer, level, cell, seq_length, epochs, batch_size, validation_split, learning_rate, checkpoint_every):
     if tokenizer is None and (not isinstance(text, str)): raise TypeError(f'text must be a str, not {type(text).__name__}')
     if level not in ('word', 'char'): raise ValueError(f'level must be "word" or "char", not {level!r}')
-    _check_cell(cell); _check_int('seq_length', seq_length); _check_int('epochs', epochs)
-    if batch_size is not None: _check_int('batch_size', batch_size)
-    if checkpoint_every is not None: _check_int('checkpoint_every', checkpoint_every)
+    check_choice('cell', cell, CELLS); check_int('seq_length', seq_length); check_int('epochs', epochs)
+    if batch_size is not None: check_int('batch_size', batch_size)
+    if checkpoint_every is not None: check_int('checkpoint_every', checkpoint_every)
     if isinstance(validation_split, bool) or not isinstance(validation_split, (int, float)) or not 0 <= validation_split < 1:
         raise ValueError(f'validation_split must be a number in [0, 1), got {validation_split!r}')
     if not (isinstance(learning_rate, (int, float)) and learning_rate > 0): raise ValueError(f'learning_rate must be positive, got {learning_rate!r}')
@@ -318,8 +319,8 @@ def fit_language_model(text:str|None=None,       # the training text (or give fi
     _check_fit_args(text if files is None else '', tokenizer, level, cell, seq_length, epochs, batch_size, validation_split, learning_rate, checkpoint_every)
     if resume and checkpoint_dir is None: raise ValueError('resume=True needs a checkpoint_dir to resume from')
     if checkpoint_dir is not None and backup_dir is not None: raise ValueError('use checkpoint_dir or backup_dir, not both')
-    if max_tokens is not None: _check_int('max_tokens', max_tokens, 2)
-    if keep_checkpoints is not None: _check_int('keep_checkpoints', keep_checkpoints)
+    if max_tokens is not None: check_int('max_tokens', max_tokens, 2)
+    if keep_checkpoints is not None: check_int('keep_checkpoints', keep_checkpoints)
     if files is not None:
         if validation_split: raise ValueError('validation_split needs text: with files=, hold out some files and evaluate on them')
         files = text_files(files)
@@ -337,7 +338,7 @@ def fit_language_model(text:str|None=None,       # the training text (or give fi
         batch_size = batch_size or min(len(X), 1024)
         steps = math.ceil(len(X)/batch_size)
         data = lambda e0: epoch_dataset(X, y, batch_size, epochs, e0, seed)
-    seed = 0 if seed is None else _check_int('seed', seed, 0)
+    seed = 0 if seed is None else check_int('seed', seed, 0)
     config = dict(cell=cell, level=tokenizer.level, seq_length=seq_length, units=units, embedding_dim=embedding_dim, depth=depth,
                   expansion_factor=expansion_factor, batch_size=batch_size, learning_rate=learning_rate, seed=seed, epochs=epochs)
     strategy = strategy or tf.distribute.get_strategy()
@@ -507,7 +508,7 @@ def train_main(file=None, out='minlstm_model', epochs=500, cell='minlstm', level
     _check_fit_args(text or '', None, level, cell, seq_length, epochs, batch_size, validation_split, learning_rate, checkpoint_every)
     if progress not in PROGRESS: raise ValueError(f'progress must be one of {", ".join(PROGRESS)}, not {progress!r}')
     if keep_checkpoints is not None:
-        _check_int('keep_checkpoints', keep_checkpoints)
+        check_int('keep_checkpoints', keep_checkpoints)
         if not (checkpoint_every or resume): raise ValueError('keep_checkpoints needs checkpoints: give checkpoint_every too')
     out = Path(out)
     if out.exists() and not out.is_dir(): raise ValueError(f'output {str(out)!r} exists and is not a directory')

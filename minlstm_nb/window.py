@@ -9,14 +9,10 @@ __all__ = ['make_windows', 'split_windows', 'make_dataset', 'minlstm_data', 'str
 import sys
 import numpy as np
 from fastcore.script import call_parse, store_true
+from .checks import check_int
 from .tokenize import Tokenizer, sample_text, read_text
 
 # %% ../nbs/01_window.ipynb #c1888853
-def _check_seq_length(seq_length):
-    if isinstance(seq_length, bool) or not isinstance(seq_length, (int, np.integer)):
-        raise TypeError(f'seq_length must be an int, not {type(seq_length).__name__}')
-    if seq_length < 1: raise ValueError(f'seq_length must be at least 1, got {seq_length}')
-
 def _as_ids(ids):
     arr = np.asarray(ids)
     if arr.ndim != 1: raise ValueError(f'ids must be a 1-D sequence of token ids, got shape {arr.shape}')
@@ -28,7 +24,7 @@ def make_windows(ids,               # token ids in text order (list or 1-D integ
                  seq_length:int=3,  # tokens of context before each target
                 )->tuple:           # (X, y): X int32 of shape (len(ids) - seq_length, seq_length), y int32 of shape (len(ids) - seq_length,)
     "Every run of `seq_length` ids, and the id that follows it."
-    _check_seq_length(seq_length)
+    check_int('seq_length', seq_length)
     ids = _as_ids(ids)
     if len(ids) < seq_length + 1:
         raise ValueError(f'need at least seq_length + 1 = {seq_length + 1} tokens to make one window, got '
@@ -43,7 +39,7 @@ def split_windows(ids,                    # token ids in text order
                   drop_duplicates:bool=False, # also drop validation windows identical to a training window
                  )->tuple:                # ((X_train, y_train), (X_val, y_val))
     "Windows for training from the start of `ids`, for validation from its end; no token position is on both sides."
-    _check_seq_length(seq_length)
+    check_int('seq_length', seq_length)
     ids = _as_ids(ids)
     if isinstance(val_fraction, bool) or not isinstance(val_fraction,
                                                         (int, float)) or not 0 < val_fraction < 1:
@@ -171,9 +167,9 @@ def stream_windows(files,                 # anything tokenize.text_files takes
                   ):                      # tf.data.Dataset of (X (seq_length,), y) int32 windows
     "Every (window, next token) pair of the files, streamed: no file is ever held in memory."
     import tensorflow as tf
-    from minlstm_nb.tokenize import text_files, _check_errors
-    _check_seq_length(seq_length)
-    _check_errors(errors)
+    from minlstm_nb.tokenize import text_files, _ERRORS
+    check_int('seq_length', seq_length)
+    check_choice('errors', errors, _ERRORS)
     if unknown not in ('error', 'drop'): raise ValueError(f'unknown must be "error" or "drop", not {unknown!r}')
     if not tokenizer.word_index: raise ValueError('the tokenizer is not fitted: call .fit(read_lines(files)) first')
     files = [str(f) for f in text_files(files)]

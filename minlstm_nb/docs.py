@@ -462,7 +462,7 @@ def minlstm_docs(out:str='_docs_lite',  # directory for the pages (replaced only
     "Build the course as HTML pages that read offline, then check them as a reader would; run it inside a clone of the repository."
     import sys
     try:
-        _import_quietly('tensorflow')           # show_doc imports the module, hence TensorFlow: quietly, once
+        import_quietly('tensorflow')           # show_doc imports the module, hence TensorFlow: quietly, once
         pages = build_docs(out)
     except (ImportError, FileNotFoundError, ValueError) as e:
         hint = ' (the docs need the dev extra: pip install -e ".[dev]")' if isinstance(e, ImportError) else ''

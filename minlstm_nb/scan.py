@@ -10,6 +10,7 @@ __all__ = ['CHUNK', 'SCANS', 'sequential_scan', 'in_xla', 'tracing_for_export', 
 import functools, sys
 import keras
 from keras import ops
+from .machine import visible_devices
 if keras.backend.backend() == 'tensorflow': import tensorflow as tf   # only there: JAX and PyTorch users need no TensorFlow
 else: tf = None
 

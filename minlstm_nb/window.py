@@ -9,7 +9,7 @@ __all__ = ['make_windows', 'split_windows', 'make_dataset', 'minlstm_data', 'str
 import sys
 import numpy as np
 from fastcore.script import call_parse, store_true
-from .checks import check_int
+from .checks import check_int, check_choice
 from .tokenize import Tokenizer, sample_text, read_text
 
 # %% ../nbs/01_window.ipynb #c1888853

@@ -19,7 +19,7 @@ from .console import StatusLine
 from .kernels import explain, kernel_status, forget_kernel, print_kernel_report
 from .cell import MinGRU, MinLSTM, min_rnn_scan
 from .training import build_model
-from .prediction import step_function, model_initial_states
+from .model import step_function, model_initial_states
 
 # %% ../nbs/06_benchmark.ipynb #b2889ea9
 class Projections(keras.layers.Layer):

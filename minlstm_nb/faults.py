@@ -54,7 +54,7 @@ def _started(trial, mode)->Path:
     return Path(trial)/('run/checkpoints' if mode == 'checkpoint' else 'backup')/'tokenizer.json'
 
 def _weights(path):
-    from minlstm_nb.training import LanguageModel
+    from minlstm_nb.model import LanguageModel
     return LanguageModel.load(path).model.get_weights()
 
 def _same(a, b)->bool: return len(a) == len(b) and all(x.dtype == y.dtype and x.shape == y.shape and (x == y).all() for x, y in zip(a, b))
@@ -246,9 +246,9 @@ def _file_kind(path)->str:
 
 def _intact(trial, mode)->bool:
     "Is every checkpoint (or backup) in the trial a complete file?"
-    from minlstm_nb.training import _complete_keras_file, _readable_weights
-    if mode == 'checkpoint': return all(_complete_keras_file(p) for p in (Path(trial)/'run'/'checkpoints').glob('epoch-*.keras'))
-    return all(_readable_weights(p) for p in (Path(trial)/'backup').glob('epoch-*.weights.h5'))
+    from minlstm_nb.training import complete_keras_file, readable_weights
+    if mode == 'checkpoint': return all(complete_keras_file(p) for p in (Path(trial)/'run'/'checkpoints').glob('epoch-*.keras'))
+    return all(readable_weights(p) for p in (Path(trial)/'backup').glob('epoch-*.weights.h5'))
 
 def _mount_tmpfs(d, size):
     r = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(d)], capture_output=True, text=True)
@@ -265,8 +265,7 @@ def can_mount_tmpfs(work)->bool:
 def _serves_same(served, model)->bool:
     "Does the SavedModel `served` give the probabilities `model` (a model.minlstm) gives, exported afresh?"
     import tensorflow as tf
-    from minlstm_nb.training import LanguageModel
-    import minlstm_nb.prediction                                # (LanguageModel.export)
+    from minlstm_nb.model import LanguageModel
     with tempfile.TemporaryDirectory() as d:
         fresh = LanguageModel.load(model).export(Path(d)/'fresh')
         text = tf.constant(['recurrent neural networks', 'the'])

@@ -246,7 +246,7 @@ def _file_kind(path)->str:
 
 def _intact(trial, mode)->bool:
     "Is every checkpoint (or backup) in the trial a complete file?"
-    from minlstm_nb.training import complete_keras_file, readable_weights
+    from minlstm_nb.checkpoints import complete_keras_file, readable_weights
     if mode == 'checkpoint': return all(complete_keras_file(p) for p in (Path(trial)/'run'/'checkpoints').glob('epoch-*.keras'))
     return all(readable_weights(p) for p in (Path(trial)/'backup').glob('epoch-*.weights.h5'))
 

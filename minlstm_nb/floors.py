@@ -17,7 +17,7 @@ FLOORS = {  # floor -> (what it holds, its modules)
     2: ('the linear recurrence and its scans', ('scan',)),
     3: ('the CPU kernels and the rule for which implementation runs where', ('kernels',)),
     4: ('the layers: cells, minGRU and minLSTM, residual blocks', ('cell', 'blocks')),
-    5: ('the language model, training, checkpoints, prediction', ('model', 'training', 'prediction')),
+    5: ('the language model, training, checkpoints, prediction', ('model', 'checkpoints', 'training', 'prediction')),
     6: ('the experiments', ('benchmark', 'device_bench', 'selective_copy', 'lm_compare', 'faults')),
     7: ('the commands and the docs tooling', ('cli', 'docs', 'floors')),
 }

@@ -11,7 +11,7 @@ import numpy as np
 import keras
 from keras import ops
 from .checks import check_int, check_rate
-from .scan import step_scan, linear_scan, scan_method, SCANS
+from .scan import step_scan, linear_scan, linear_scan_grad, scan_method, SCANS
 
 # %% ../nbs/03_cell.ipynb #adf93e50
 def g(x): # pre-activation of the candidate state, any shape
@@ -147,11 +147,10 @@ def gate_scan(ks,          # pre-activations: [k_f, k_i, k_h] (minLSTM) or [k_z,
         h = linear_scan(a, b, h0_, method=method)
         def grad(*up, upstream=None):
             dh = up[0] if upstream is None else upstream
-            gs = linear_scan(a, dh, h0_, reverse=True, method=method)        # dL/dh_t, all paths
-            da, db = gs*ops.concatenate([h0_[:, None], h[:, :-1]], 1), gs
+            da, db, dh0 = linear_scan_grad(a, h, h0_, dh, method)
             if m is not None:
                 da, db = ops.where(m, da, ops.zeros_like(da)), ops.where(m, db, ops.zeros_like(db))
-            return ((*_coefficient_grads(ks_, d, lstm, da, db), gs[:, 0]*a[:, 0])
+            return ((*_coefficient_grads(ks_, d, lstm, da, db), dh0)
                     + ((ops.zeros_like(args[n + 1]),) if m is not None else ()))
         return h, grad
     return run(*ks, h0) if mask is None else run(*ks, h0, ops.cast(mask, ks[0].dtype))

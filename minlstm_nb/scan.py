@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['CHUNK', 'SCANS', 'sequential_scan', 'in_xla', 'tracing_for_export', 'step_scan', 'log_space_scan', 'chunked_scan',
-           'associative_scan', 'scan_method', 'linear_scan', 'parallel_scan']
+           'associative_scan', 'scan_method', 'linear_scan', 'linear_scan_grad', 'parallel_scan']
 
 # %% ../nbs/02_scan.ipynb #483a038a
 import functools, sys
@@ -204,16 +204,22 @@ def linear_scan(a, b, h0,             # (batch, time, features), same; h0: (batc
     return ops.flip(scan(ops.flip(a_next, 1), ops.flip(b, 1), ops.zeros_like(h0)), 1)
 
 # %% ../nbs/02_scan.ipynb #56a10e94
+def linear_scan_grad(a, h, h0,   # the recurrence's coefficients, its states and initial state
+                     dh,          # dL/dh for every step
+                     method=None, # as for linear_scan
+                    )->tuple:     # dL/da, dL/db, dL/dh0
+    "The gradient of `h = linear_scan(a, b, h0)`, from one more scan run backwards."
+    g = linear_scan(a, dh, h0, reverse=True, method=method)    # g_t = dL/dh_t + a_{t+1} g_{t+1}
+    return g*ops.concatenate([h0[:, None], h[:, :-1]], 1), g, g[:, 0]*a[:, 0]
+
 def _scan_with_grad(method):
     @ops.custom_gradient
     def scan(log_a, log_b, h0):
         a, b = ops.exp(log_a), ops.exp(log_b)
         h = linear_scan(a, b, h0, method=method)
         def grad(*args, upstream=None):
-            dh = args[0] if upstream is None else upstream
-            g = linear_scan(a, dh, h0, reverse=True, method=method)    # g_t = dL/dh_t + a_{t+1} g_{t+1}
-            h_prev = ops.concatenate([h0[:, None], h[:, :-1]], 1)
-            return g*a*h_prev, g*b, g[:, 0]*a[:, 0]
+            da, db, dh0 = linear_scan_grad(a, h, h0, args[0] if upstream is None else upstream, method)
+            return da*a, db*b, dh0                                      # through exp: d/dlog x = x d/dx
         return h, grad
     return scan
 

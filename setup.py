@@ -31,7 +31,7 @@ setuptools.setup(
     author=c['author'], author_email=c['author_email'],
     packages=setuptools.find_packages(include=[c['lib_name'], c['lib_name'] + '.*']),
     include_package_data=True,
-    package_data={c['lib_name']: ['data/*.txt']},
+    package_data={c['lib_name']: ['data/*.txt', 'csrc/*.cc']},   # the C++ kernels' sources (lesson 3a) ship with the package
     install_requires=requirements,
     extras_require={'dev': dev_requirements},
     python_requires='>=' + c['min_python'],

@@ -19,7 +19,7 @@ COMMANDS = {   # console script -> the function it runs
     'minlstm_export': 'minlstm_nb.prediction:minlstm_export',
     'minlstm_bench': 'minlstm_nb.benchmark:minlstm_bench',
     'minlstm_docs': 'minlstm_nb.docs:minlstm_docs',
-    'minlstm_lm': 'minlstm_nb.lm_compare:minlstm_lm',
+    'minlstm_lm': 'minlstm_nb.lm_report:minlstm_lm',
     'minlstm_faults': 'minlstm_nb.faults:minlstm_faults',
 }
 

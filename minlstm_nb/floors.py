@@ -13,12 +13,12 @@ from pathlib import Path
 FLOORS = {  # floor -> (what it holds, its modules)
     0: ('standard-library helpers: durable writes, argument checks, the machine, the console',
         ('durable', 'checks', 'machine', 'console')),
-    1: ('data: text to ids, windows', ('tokenize', 'window')),
+    1: ('data: text to ids, windows, a corpus of characters', ('tokenize', 'window', 'corpus')),
     2: ('the linear recurrence and its scans', ('scan',)),
     3: ('the CPU kernels and the rule for which implementation runs where', ('kernels',)),
     4: ('the layers: cells, minGRU and minLSTM, residual blocks', ('cell', 'blocks')),
     5: ('the language model, training, checkpoints, prediction', ('model', 'checkpoints', 'training', 'prediction')),
-    6: ('the experiments', ('benchmark', 'device_bench', 'selective_copy', 'lm_compare', 'faults')),
+    6: ('the experiments', ('benchmark', 'device_bench', 'selective_copy', 'lm_compare', 'lm_report', 'faults')),
     7: ('the commands and the docs tooling', ('cli', 'docs', 'floors')),
 }
 FLOOR = {m: f for f, (_, mods) in FLOORS.items() for m in mods}

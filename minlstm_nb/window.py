@@ -167,9 +167,9 @@ def stream_windows(files,                 # anything tokenize.text_files takes
                   ):                      # tf.data.Dataset of (X (seq_length,), y) int32 windows
     "Every (window, next token) pair of the files, streamed: no file is ever held in memory."
     import tensorflow as tf
-    from minlstm_nb.tokenize import text_files, _ERRORS
+    from minlstm_nb.tokenize import text_files, DECODE_ERRORS
     check_int('seq_length', seq_length)
-    check_choice('errors', errors, _ERRORS)
+    check_choice('errors', errors, DECODE_ERRORS)
     if unknown not in ('error', 'drop'): raise ValueError(f'unknown must be "error" or "drop", not {unknown!r}')
     if not tokenizer.word_index: raise ValueError('the tokenizer is not fitted: call .fit(read_lines(files)) first')
     files = [str(f) for f in text_files(files)]

@@ -16,10 +16,10 @@ FLOORS = {  # floor -> (what it holds, its modules)
     1: ('data: text to ids, windows, a corpus of characters', ('tokenize', 'window', 'corpus')),
     2: ('the linear recurrence and its scans', ('scan',)),
     3: ('the CPU kernels and the rule for which implementation runs where', ('kernels',)),
-    4: ('the layers: cells, minGRU and minLSTM, residual blocks', ('cell', 'blocks')),
+    4: ('the layers: cells, minGRU and minLSTM, residual blocks', ('dropin', 'cell', 'blocks')),
     5: ('the language model, training, checkpoints, prediction', ('model', 'checkpoints', 'training', 'prediction')),
     6: ('the experiments', ('benchmark', 'device_bench', 'selective_copy', 'lm_compare', 'lm_report', 'faults')),
-    7: ('the commands and the docs tooling', ('cli', 'docs', 'floors')),
+    7: ('the commands and the docs tooling', ('cli', 'mathml', 'docs', 'floors')),
 }
 FLOOR = {m: f for f, (_, mods) in FLOORS.items() for m in mods}
 

@@ -111,6 +111,50 @@ def _optimizer(model, learning_rate, steps, warmup, weight_decay, clip):
     opt.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables if len(v.shape) < 2])
     return opt
 
+def _batch_size(corpus, context, tokens_per_step)->int:
+    "Windows per batch: `tokens_per_step` characters in windows of `context`, with text enough on both sides of the split."
+    for what, ids in (('training', corpus.train_ids), ('held-out', corpus.val_ids)):
+        if len(ids) <= context + 1:
+            raise ValueError(f'the {what} text has {len(ids):,} characters, too few for one window of '
+                             f'context {context} and its target')
+    if tokens_per_step < context or tokens_per_step % context:
+        raise ValueError(f'tokens_per_step ({tokens_per_step}) must be a multiple of context ({context})')
+    return tokens_per_step // context
+
+def _sized_model(kind, corpus, context, params, width, dropout, arch)->tuple:
+    "The model and its width: `width` as given, or the width nearest to `params` parameters (a warning if it misses by 10%)."
+    matched = width is None
+    if matched: width = matched_width(kind, params, corpus.vocab_size, context, arch['depth'], arch['heads'], 4, arch['conv'],
+                                      arch['expansion_factor'])
+    model = build_lm(kind, corpus.vocab_size, context, check_int('width', width), dropout=dropout, **arch)
+    if matched: _check_match(kind, model.count_params(), params, arch['heads'])
+    return model, width
+
+def _validation(model, corpus, context, eval_tokens, batch_size):
+    "A function giving the model's mean loss on the held-out windows, traced once here, off the clock."
+    xv, yv = validation_windows(corpus.val_ids, context, eval_tokens)
+    vb = max(1, min(len(xv), batch_size))
+    def val_loss():
+        xs = range(0, len(xv) - len(xv) % vb, vb)
+        return float(np.mean([model.test_on_batch(xv[i:i+vb], yv[i:i+vb]) for i in xs]))
+    val_loss()
+    return val_loss
+
+def _train_steps(model, corpus, context, batch_size, steps, seed, eval_every, val_loss, say=None)->dict:
+    "The training loop: batch `step` of `(seed, step)`, each step timed (the first, which traces, apart), a validation every `eval_every`."
+    curve, losses, step_times, seconds = [(0, 0.0, val_loss())], [], [], 0.0
+    for step in range(steps):
+        x, y = training_batch(corpus.train_ids, context, batch_size, step, seed)
+        t0 = time.perf_counter(); loss = model.train_on_batch(x, y); dt = time.perf_counter() - t0
+        if step == 0: trace = dt
+        else: seconds += dt; step_times.append(dt)
+        losses.append(float(loss))
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            curve.append((step + 1, seconds, val_loss()))
+            if say: say(step + 1, loss, curve[-1])
+    return dict(curve=curve, train_losses=losses, seconds=seconds, trace_seconds=trace,
+                step_seconds=float(np.median(step_times)) if step_times else trace)
+
 def train_lm(kind:str,                 # "minlstm", "mingru", "lstm", "gru" or "transformer"
              corpus:CharCorpus,         # the characters to learn
              context:int=256,           # characters each window reads
@@ -134,52 +178,27 @@ def train_lm(kind:str,                 # "minlstm", "mingru", "lstm", "gru" or "
             )->dict:                    # settings, curve [(step, seconds, validation loss)], speed, the model
     "Train one model of about `params` parameters (or `width` wide) on `corpus` for `steps` batches of `tokens_per_step` characters."
     if kind not in KINDS: raise ValueError(f'unknown model {kind!r}: choose one of {", ".join(KINDS)}')
-    context, steps, tokens_per_step = (check_int('context', context, 2), check_int('steps', steps),
-                                       check_int('tokens_per_step', tokens_per_step))
-    for what, ids in (('training', corpus.train_ids), ('held-out', corpus.val_ids)):
-        if len(ids) <= context + 1:
-            raise ValueError(f'the {what} text has {len(ids):,} characters, too few for one window of '
-                             f'context {context} and its target')
-    batch_size = tokens_per_step // context
-    if batch_size < 1 or tokens_per_step % context:
-        raise ValueError(f'tokens_per_step ({tokens_per_step}) must be a multiple of context ({context})')
+    batch_size = _batch_size(corpus, check_int('context', context, 2), check_int('tokens_per_step', tokens_per_step))
+    steps = check_int('steps', steps)
     eval_every = check_int('eval_every', eval_every) if eval_every is not None else max(1, steps // 20)
     warmup = min(100, steps // 10) if warmup is None else warmup
     keras.utils.set_random_seed(seed)
     arch = dict(depth=depth, heads=heads, conv=conv, expansion_factor=expansion_factor)
-    matched = width is None
-    if matched: width = matched_width(kind, params, corpus.vocab_size, context, depth, heads, 4, conv, expansion_factor)
-    model = build_lm(kind, corpus.vocab_size, context, check_int('width', width), dropout=dropout, **arch)
-    if matched: _check_match(kind, model.count_params(), params, heads)
+    model, width = _sized_model(kind, corpus, context, params, width, dropout, arch)
     model.compile(_optimizer(model, learning_rate, steps, warmup, weight_decay, clip),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    xv, yv = validation_windows(corpus.val_ids, context, eval_tokens)
-    vb = max(1, min(len(xv), batch_size))
-    def val_loss():
-        xs = range(0, len(xv) - len(xv) % vb, vb)
-        return float(np.mean([model.test_on_batch(xv[i:i+vb], yv[i:i+vb]) for i in xs]))
-    val_loss()                                         # traces the evaluation graph, off the clock
-    curve, losses, step_times, seconds = [(0, 0.0, val_loss())], [], [], 0.0
-    for step in range(steps):
-        x, y = training_batch(corpus.train_ids, context, batch_size, step, seed)
-        t0 = time.perf_counter(); loss = model.train_on_batch(x, y); dt = time.perf_counter() - t0
-        if step == 0: trace = dt                       # the first step traces the graph: timed apart
-        else: seconds += dt; step_times.append(dt)
-        losses.append(float(loss))
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
-            curve.append((step + 1, seconds, val_loss()))
-            if out:
-                out(f'{NAMES[kind]} (context {context}): step {step + 1}/{steps}  train {loss:.3f}  '
-                    f'validation {curve[-1][2]:.3f} nats/char  ({seconds:.0f} s)')
-    med = float(np.median(step_times)) if step_times else trace
-    best = min(curve, key=lambda c: c[2])
+    val_loss = _validation(model, corpus, context, eval_tokens, batch_size)
+    say = out and (lambda step, loss, c: out(f'{NAMES[kind]} (context {context}): step {step}/{steps}  train {loss:.3f}  '
+                                             f'validation {c[2]:.3f} nats/char  ({c[1]:.0f} s)'))
+    run = _train_steps(model, corpus, context, batch_size, steps, seed, eval_every, val_loss, say)
+    best, step_seconds = min(run['curve'], key=lambda c: c[2]), run.pop('step_seconds')
     return dict(kind=kind, context=context, width=width, **arch, dropout=dropout,
                 params=model.count_params(), steps=steps,
                 batch_size=batch_size, tokens_per_step=tokens_per_step, learning_rate=learning_rate,
-                weight_decay=weight_decay, clip=clip, seed=seed,
-                curve=curve, train_losses=losses, seconds=seconds, trace_seconds=trace,
-                tokens_per_second=tokens_per_step / med, final_loss=curve[-1][2],
+                weight_decay=weight_decay, clip=clip, seed=seed, **run,
+                tokens_per_second=tokens_per_step / step_seconds, final_loss=run['curve'][-1][2],
                 best_loss=best[2], best_step=best[0], best_seconds=best[1], model=model)
+
 
 # %% ../nbs/09_language_model.ipynb #67240636
 def _blocks(model, cls=ResidualBlock): return [l for l in model.layers if isinstance(l, cls)]

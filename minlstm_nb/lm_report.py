@@ -194,6 +194,33 @@ def estimate_seconds(corpus, kinds, context, steps, eval_every, eval_tokens, tri
 
 def _hours(s): return f'{s/3600:.1f} h' if s >= 3600 else f'{s/60:.0f} min'
 
+def _check_lm_args(contexts, models, tokens_per_step, width, heads, transformer_steps)->tuple:
+    "(context lengths, models, steps_for) from `minlstm_lm`'s arguments; a `ValueError` naming the first that is wrong."
+    try:
+        Ts = [int(t) for t in contexts.split(',')]
+        if min(Ts) < 2: raise ValueError
+    except ValueError: raise ValueError(f'--contexts must be integers of at least 2 separated by commas, got {contexts!r}') from None
+    kinds = [k.strip() for k in models.split(',') if k.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds: raise ValueError(f'unknown model(s) {", ".join(map(repr, bad)) or "(none given)"}: choose from {", ".join(KINDS)}')
+    for T in Ts:
+        if tokens_per_step % T: raise ValueError(f'--tokens_per_step ({tokens_per_step}) must be a multiple of every context length ({T} does not divide it)')
+    if width is not None and 'transformer' in kinds and width % heads: raise ValueError(f'--width ({width}) must be a multiple of --heads ({heads})')
+    if transformer_steps is not None and transformer_steps < 1: raise ValueError(f'--transformer_steps must be at least 1, got {transformer_steps}')
+    if transformer_steps is not None and 'transformer' not in kinds:
+        raise ValueError(f'--transformer_steps ({transformer_steps}) was given, but --models has no transformer')
+    return Ts, kinds, {} if transformer_steps is None else {'transformer': transformer_steps}
+
+def _print_estimate(corpus, kinds, context, n_contexts, steps_for, train_args, status):
+    "Time a few steps of each model and print how long the whole run would take here."
+    status('timing a few steps of each model')
+    est = estimate_seconds(corpus, kinds, context, steps_for=steps_for, **{k: v for k, v in train_args.items() if k != 'seed'})
+    status.clear()
+    total = sum(e['seconds'] for e in est.values())*n_contexts
+    print(f'estimated time on this machine ({cpu_model()}, {os.cpu_count()} cores): {_hours(total)} - '
+          + ', '.join(f"{NAMES[k]} {_hours(e['seconds'])} ({e['step_seconds']:.2f} s/step, {e['params']:,} parameters)"
+                      for k, e in est.items()))
+
 @call_parse
 def minlstm_lm(contexts:str='256',          # comma-separated context lengths, in characters
                models:str=','.join(KINDS),  # comma-separated models: minlstm, mingru, lstm, gru, transformer
@@ -223,19 +250,8 @@ def minlstm_lm(contexts:str='256',          # comma-separated context lengths, i
             PAPER_PRESET[k] for k in ('contexts', 'width', 'heads', 'steps', 'tokens_per_step', 'dropout',
                                       'learning_rate', 'eval_every', 'eval_tokens'))
     try:
-        Ts = [int(t) for t in contexts.split(',')]
-        if min(Ts) < 2: raise ValueError
-    except ValueError: fail(f'--contexts must be integers of at least 2 separated by commas, got {contexts!r}')
-    kinds = [k.strip() for k in models.split(',') if k.strip()]
-    bad = [k for k in kinds if k not in KINDS]
-    if bad or not kinds: fail(f'unknown model(s) {", ".join(map(repr, bad)) or "(none given)"}: choose from {", ".join(KINDS)}')
-    for T in Ts:
-        if tokens_per_step % T: fail(f'--tokens_per_step ({tokens_per_step}) must be a multiple of every context length ({T} does not divide it)')
-    if width is not None and 'transformer' in kinds and width % heads: fail(f'--width ({width}) must be a multiple of --heads ({heads})')
-    if transformer_steps is not None and transformer_steps < 1: fail(f'--transformer_steps must be at least 1, got {transformer_steps}')
-    if transformer_steps is not None and 'transformer' not in kinds: fail(f'--transformer_steps ({transformer_steps}) was given, but --models has no transformer')
-    steps_for = {} if transformer_steps is None else {'transformer': transformer_steps}
-    try: corpus = CharCorpus(files)
+        Ts, kinds, steps_for = _check_lm_args(contexts, models, tokens_per_step, width, heads, transformer_steps)
+        corpus = CharCorpus(files)
     except (FileNotFoundError, ValueError) as e: fail(e)
     status = StatusLine()
     size = f'models {width} wide' if width else f'models of about {params:,} parameters'
@@ -246,13 +262,7 @@ def minlstm_lm(contexts:str='256',          # comma-separated context lengths, i
                       tokens_per_step=tokens_per_step, learning_rate=learning_rate, eval_every=ev,
                       eval_tokens=eval_tokens, seed=seed)
     if paper or estimate:
-        status('timing a few steps of each model')
-        est = estimate_seconds(corpus, kinds, Ts[0], steps_for=steps_for, **{k: v for k, v in train_args.items() if k != 'seed'})
-        status.clear()
-        total = sum(e['seconds'] for e in est.values())*len(Ts)
-        print(f'estimated time on this machine ({cpu_model()}, {os.cpu_count()} cores): {_hours(total)} - '
-              + ', '.join(f"{NAMES[k]} {_hours(e['seconds'])} ({e['step_seconds']:.2f} s/step, {e['params']:,} parameters)"
-                          for k, e in est.items()))
+        _print_estimate(corpus, kinds, Ts[0], len(Ts), steps_for, train_args, status)
         if estimate: return
     try: res = compare_lm(corpus, Ts, kinds, out=lambda line: (status.clear(), print(line)), status=status,
                           steps_for=steps_for, **train_args)

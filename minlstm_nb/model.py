@@ -120,12 +120,13 @@ def predict_next(self:LanguageModel,
     return [(self.tokenizer.index_word[int(i)], float(p[i])) for i in top]
 
 # %% ../nbs/05a_model.ipynb #517263de
-def step_function(model:keras.Model):   # a model from build_model
+def step_function(model:keras.Model):   # a model of layers in a line: build_model's, or lesson 9's recurrent ones
     "A compiled `step(ids, states) -> (logits, states)`: one token per sequence, through the model's cells."
     rnn_types = (MinGRU, MinLSTM, ResidualBlock, keras.layers.LSTM, keras.layers.GRU)
     def step(ids, states):
         x, new, i = ids, [], 0
         for layer in model.layers:
+            if isinstance(layer, keras.layers.InputLayer): continue     # (a functional model lists its input)
             if isinstance(layer, rnn_types):
                 n = len(initial_states(layer, 1))
                 x, s = layer.step(x, states[i:i+n]) if isinstance(layer, ResidualBlock) else rnn_step(layer,

@@ -9,11 +9,12 @@ __all__ = ['RUN_ARGS', 'MODES', 'DAMAGES', 'POINT_NAMES', 'FAULT_REACH', 'train_
 # %% ../nbs/08a_faults.ipynb #fa000004
 import os, re, sys, json, time, errno, random, shutil, signal, subprocess, tempfile
 from pathlib import Path
+from fastcore.basics import patch
 from fastcore.script import call_parse, store_true
 from .durable import fault_point, FAULT_ENV, FAULT_POINTS, DiskFullError, disk_full, is_disk_full, temp_prefix, remove_stale_temps, TEMP_NAME, pid_alive, atomic_write
 from .machine import cpu_model
 
-# %% ../nbs/08a_faults.ipynb #fa000011
+# %% ../nbs/08a_faults.ipynb #fa000060
 RUN_ARGS = ['--epochs', '10', '--batch_size', '16', '--units', '16', '--seed', '3', '--quiet', '--progress', 'none']
 MODES = {'checkpoint': ['--checkpoint_every', '2', '--resume'], 'backup': ['--backup_dir', '{backup}']}
 
@@ -53,6 +54,7 @@ def _started(trial, mode)->Path:
     "The file a run writes as its training begins (the vocabulary beside its checkpoints or backups)."
     return Path(trial)/('run/checkpoints' if mode == 'checkpoint' else 'backup')/'tokenizer.json'
 
+# %% ../nbs/08a_faults.ipynb #fa000062
 def _weights(path):
     from minlstm_nb.model import LanguageModel
     return LanguageModel.load(path).model.get_weights()
@@ -74,6 +76,7 @@ def _clear_error(rc, err, command='minlstm_train')->bool:
     return rc == 2 and len(lines) >= 1 and lines[-1].startswith(f'{command}: error: ') and all(
         l.startswith(f'{command}: warning: ') for l in lines[:-1])
 
+# %% ../nbs/08a_faults.ipynb #fa000064
 DAMAGES = ('cut at 10%', 'cut at 50%', 'cut at 99%', 'zero bytes', 'random bytes')
 
 def damage(path, how:str, rng=random, other=None):
@@ -85,6 +88,7 @@ def damage(path, how:str, rng=random, other=None):
     elif how == "another run's": shutil.copyfile(other, path)
     else: raise ValueError(f'unknown damage {how!r}')
 
+# %% ../nbs/08a_faults.ipynb #fa000066
 class FaultCampaign:
     "Training runs hit by faults, each restarted with the same command and checked against a run that was never hit."
     def __init__(self, work, seed:int=0, out=print):
@@ -121,120 +125,132 @@ class FaultCampaign:
         if left := _temporaries(trial): return 'lost', f'temporary files left: {left}'
         return 'identical', ''
 
-    def kill_chain(self, mode, faults:list):
-        """Start the run, SIGKILL it at each fault of `faults` in turn (a point name: the first time the process is inside
-        that write, its file half written; "random": a moment chosen at random in its training), restarting it with the
-        same command after each; then let it finish and compare. Before a kill in the final save, a good model of an
-        earlier run is in place: it must survive the kill."""
-        self.reference(mode); trial = self._trial()
-        cmd, model, killed, rc, err = train_command(trial, mode), trial/'run'/'model.minlstm', [], 0, ''
-        model.parent.mkdir(); shutil.copyfile(self.old_model(), model); before = model.read_bytes()
-        for f in faults:
-            if f == 'random': rc, out, err = _run(cmd, kill_after=self.rng.uniform(0, self.seconds[mode]), started=_started(trial, mode))
-            else: rc, out, err = _run(cmd, fault=f'kill:{f}:{self.rng.randint(1, FAULT_REACH[mode][f])}')
-            if rc != -signal.SIGKILL: break                              # it ended before the fault came
-            killed.append(f)
-            if f == 'save' and model.read_bytes() != before:
-                for k in killed: self.record(_fault_name(k), mode, 'lost', why='the killed save damaged the model there before')
-                return
-        outcome, why = self._finish(trial, mode, rc, err)
-        for k in dict.fromkeys(killed): self.record(_fault_name(k), mode, outcome, killed.count(k), why)
+# %% ../nbs/08a_faults.ipynb #fa000068
+@patch
+def kill_chain(self:FaultCampaign, mode, faults:list):
+    """Start the run, SIGKILL it at each fault of `faults` in turn (a point name: the first time the process is inside
+    that write, its file half written; "random": a moment chosen at random in its training), restarting it with the
+    same command after each; then let it finish and compare. Before a kill in the final save, a good model of an
+    earlier run is in place: it must survive the kill."""
+    self.reference(mode); trial = self._trial()
+    cmd, model, killed, rc, err = train_command(trial, mode), trial/'run'/'model.minlstm', [], 0, ''
+    model.parent.mkdir(); shutil.copyfile(self.old_model(), model); before = model.read_bytes()
+    for f in faults:
+        if f == 'random': rc, out, err = _run(cmd, kill_after=self.rng.uniform(0, self.seconds[mode]), started=_started(trial, mode))
+        else: rc, out, err = _run(cmd, fault=f'kill:{f}:{self.rng.randint(1, FAULT_REACH[mode][f])}')
+        if rc != -signal.SIGKILL: break                              # it ended before the fault came
+        killed.append(f)
+        if f == 'save' and model.read_bytes() != before:
+            for k in killed: self.record(_fault_name(k), mode, 'lost', why='the killed save damaged the model there before')
+            return
+    outcome, why = self._finish(trial, mode, rc, err)
+    for k in dict.fromkeys(killed): self.record(_fault_name(k), mode, outcome, killed.count(k), why)
 
-    def old_model(self)->Path:
-        "A model.minlstm of an earlier, shorter run (made once)."
-        from minlstm_nb.training import train_main
-        p = self.work/'old'/'model.minlstm'
-        if not p.exists(): train_main(out=p.parent, epochs=1, units=16, batch_size=16, seed=1, print=lambda *a: None)
-        return p
+@patch
+def old_model(self:FaultCampaign)->Path:
+    "A model.minlstm of an earlier, shorter run (made once)."
+    from minlstm_nb.training import train_main
+    p = self.work/'old'/'model.minlstm'
+    if not p.exists(): train_main(out=p.parent, epochs=1, units=16, batch_size=16, seed=1, print=lambda *a: None)
+    return p
 
-    def kill_inside_export(self):
-        "SIGKILL `minlstm_export` inside its write, over an earlier export; the earlier one must survive, the rerun must serve the same."
-        self.reference('checkpoint'); trial = self._trial(); served = trial/'served'
-        export = lambda model, fault=None: _run([_exe('minlstm_export'), str(model), str(served)], fault=fault)
-        if export(self.old_model())[0] != 0: raise RuntimeError('exporting the earlier model failed')
-        before = _snapshot(served)
-        rc, out, err = export(self.ref_model, 'kill:export:1')
-        kept = _snapshot(served) == before
-        rc2, out2, err2 = export(self.ref_model)
-        if rc != -signal.SIGKILL: outcome, why = 'lost', f'the fault point was not reached (exit {rc}): {err.strip()[-300:]}'
-        elif not kept: outcome, why = 'lost', 'the export there before was changed by the killed export'
-        elif rc2 != 0: outcome, why = 'lost', f'exporting again: exit {rc2}: {err2.strip()[-300:]}'
-        elif not _serves_same(served, self.ref_model): outcome, why = 'lost', 'the export serves other probabilities'
-        elif left := _temporaries(trial): outcome, why = 'lost', f'temporary files left: {left}'
-        else: outcome, why = 'identical', ''
-        self.record(_fault_name('export'), 'export', outcome, why=why)
+@patch
+def kill_inside_export(self:FaultCampaign):
+    "SIGKILL `minlstm_export` inside its write, over an earlier export; the earlier one must survive, the rerun must serve the same."
+    self.reference('checkpoint'); trial = self._trial(); served = trial/'served'
+    export = lambda model, fault=None: _run([_exe('minlstm_export'), str(model), str(served)], fault=fault)
+    if export(self.old_model())[0] != 0: raise RuntimeError('exporting the earlier model failed')
+    before = _snapshot(served)
+    rc, out, err = export(self.ref_model, 'kill:export:1')
+    kept = _snapshot(served) == before
+    rc2, out2, err2 = export(self.ref_model)
+    if rc != -signal.SIGKILL: outcome, why = 'lost', f'the fault point was not reached (exit {rc}): {err.strip()[-300:]}'
+    elif not kept: outcome, why = 'lost', 'the export there before was changed by the killed export'
+    elif rc2 != 0: outcome, why = 'lost', f'exporting again: exit {rc2}: {err2.strip()[-300:]}'
+    elif not _serves_same(served, self.ref_model): outcome, why = 'lost', 'the export serves other probabilities'
+    elif left := _temporaries(trial): outcome, why = 'lost', f'temporary files left: {left}'
+    else: outcome, why = 'identical', ''
+    self.record(_fault_name('export'), 'export', outcome, why=why)
 
-    def _base(self, mode)->Path:
-        "A run killed in epoch 9, its checkpoints or backups on disk (made once per mode): what the damage trials start from."
-        d = self.work/f'base-{mode}'
-        if not d.exists():
-            d.mkdir(); rc, out, err = _run(train_command(d, mode), fault='kill:history:9')
-            if rc != -signal.SIGKILL: raise RuntimeError(f'making the {mode} base: exit {rc}: {err[-2000:]}')
-        return d
+# %% ../nbs/08a_faults.ipynb #fa000070
+@patch
+def _base(self:FaultCampaign, mode)->Path:
+    "A run killed in epoch 9, its checkpoints or backups on disk (made once per mode): what the damage trials start from."
+    d = self.work/f'base-{mode}'
+    if not d.exists():
+        d.mkdir(); rc, out, err = _run(train_command(d, mode), fault='kill:history:9')
+        if rc != -signal.SIGKILL: raise RuntimeError(f'making the {mode} base: exit {rc}: {err[-2000:]}')
+    return d
 
-    def foreign(self, what)->Path:
-        "Another run's file: a checkpoint or backup of a narrower model (8 units), or a tokenizer of another vocabulary."
-        from minlstm_nb.tokenize import Tokenizer, sample_text
-        from minlstm_nb.training import fit_language_model
-        d = self.work/'foreign'/what; d.mkdir(parents=True, exist_ok=True)
-        if what == 'tokenizer': return Tokenizer('char').fit(sample_text()).save(d/'tokenizer.json')
-        if not any(d.iterdir()):
-            where = dict(checkpoint_dir=d, checkpoint_every=1) if what == 'checkpoint' else dict(backup_dir=d, delete_backup=False)
-            fit_language_model(sample_text(), epochs=1, units=8, batch_size=16, verbose=0, **where)
-        return sorted(d.glob('epoch-*.keras' if what == 'checkpoint' else 'epoch-*.weights.h5'))[-1]
+@patch
+def foreign(self:FaultCampaign, what)->Path:
+    "Another run's file: a checkpoint or backup of a narrower model (8 units), or a tokenizer of another vocabulary."
+    from minlstm_nb.tokenize import Tokenizer, sample_text
+    from minlstm_nb.training import fit_language_model
+    d = self.work/'foreign'/what; d.mkdir(parents=True, exist_ok=True)
+    if what == 'tokenizer': return Tokenizer('char').fit(sample_text()).save(d/'tokenizer.json')
+    if not any(d.iterdir()):
+        where = dict(checkpoint_dir=d, checkpoint_every=1) if what == 'checkpoint' else dict(backup_dir=d, delete_backup=False)
+        fit_language_model(sample_text(), epochs=1, units=8, batch_size=16, verbose=0, **where)
+    return sorted(d.glob('epoch-*.keras' if what == 'checkpoint' else 'epoch-*.weights.h5'))[-1]
 
-    def damaged(self, mode, what, how):
-        "Damage one file of a killed run (`what`: checkpoint, backup, history or tokenizer), then run the same command again."
-        self.reference(mode); base, trial = self._base(mode), self._trial()
-        shutil.copytree(base, trial, dirs_exist_ok=True)
-        where = trial/'run'/'checkpoints' if mode == 'checkpoint' else trial/'backup'
-        target = {'checkpoint': lambda: sorted(where.glob('epoch-*.keras'))[-1], 'backup': lambda: sorted(where.glob('epoch-*.weights.h5'))[-1],
-                  'history': lambda: where/'history.csv', 'tokenizer': lambda: where/'tokenizer.json'}[what]()
-        damage(target, how, self.rng, self.foreign(what) if how == "another run's" else None)
-        before = _snapshot(trial)
-        rc, out, err = _run(train_command(trial, mode))
-        if rc == 2:
-            outcome, why = ('error', '') if _clear_error(rc, err) and target.name in err and _snapshot(trial) == before else (
-                'lost', f'not a clear one-line error, or files changed: {err.strip()[-300:]}')
-        else: outcome, why = self._finish(trial, mode, rc, err)
-        self.record(f'{what} file: {how}', mode, outcome, why=why)
+@patch
+def damaged(self:FaultCampaign, mode, what, how):
+    "Damage one file of a killed run (`what`: checkpoint, backup, history or tokenizer), then run the same command again."
+    self.reference(mode); base, trial = self._base(mode), self._trial()
+    shutil.copytree(base, trial, dirs_exist_ok=True)
+    where = trial/'run'/'checkpoints' if mode == 'checkpoint' else trial/'backup'
+    target = {'checkpoint': lambda: sorted(where.glob('epoch-*.keras'))[-1], 'backup': lambda: sorted(where.glob('epoch-*.weights.h5'))[-1],
+              'history': lambda: where/'history.csv', 'tokenizer': lambda: where/'tokenizer.json'}[what]()
+    damage(target, how, self.rng, self.foreign(what) if how == "another run's" else None)
+    before = _snapshot(trial)
+    rc, out, err = _run(train_command(trial, mode))
+    if rc == 2:
+        outcome, why = ('error', '') if _clear_error(rc, err) and target.name in err and _snapshot(trial) == before else (
+            'lost', f'not a clear one-line error, or files changed: {err.strip()[-300:]}')
+    else: outcome, why = self._finish(trial, mode, rc, err)
+    self.record(f'{what} file: {how}', mode, outcome, why=why)
 
-    def damaged_model(self, how):
-        "A damaged model.minlstm given to minlstm_predict: one line, exit 2."
-        trial = self._trial(); p = trial/'model.minlstm'
-        shutil.copyfile(self.old_model(), p); damage(p, how, self.rng)
-        rc, out, err = _run([_exe('minlstm_predict'), str(p)])
-        ok = _clear_error(rc, err, 'minlstm_predict') and 'model.minlstm' in err
-        self.record(f'model.minlstm: {how}', 'predict', 'error' if ok else 'lost', why=err.strip()[-300:])
+@patch
+def damaged_model(self:FaultCampaign, how):
+    "A damaged model.minlstm given to minlstm_predict: one line, exit 2."
+    trial = self._trial(); p = trial/'model.minlstm'
+    shutil.copyfile(self.old_model(), p); damage(p, how, self.rng)
+    rc, out, err = _run([_exe('minlstm_predict'), str(p)])
+    ok = _clear_error(rc, err, 'minlstm_predict') and 'model.minlstm' in err
+    self.record(f'model.minlstm: {how}', 'predict', 'error' if ok else 'lost', why=err.strip()[-300:])
 
-    def full_disk(self, mode, real:bool):
-        """Train on a disk that fills midway (`real`: a tmpfs with a filler file leaving a random few files' worth free;
-        else an ENOSPC injected into a random write); free the space; run the same command again."""
-        self.reference(mode); trial = self._trial(); filler = trial/'filler'
-        if real:
-            _mount_tmpfs(trial, 8_000_000)
-            free = int(self.rng.uniform(0.2, 5.5 if mode == 'checkpoint' else 2.8) * self.ref_model.stat().st_size)
-            with open(filler, 'wb') as f: f.write(b'\0' * max(0, shutil.disk_usage(trial).free - free))
-            fault = None
+# %% ../nbs/08a_faults.ipynb #fa000072
+@patch
+def full_disk(self:FaultCampaign, mode, real:bool):
+    """Train on a disk that fills midway (`real`: a tmpfs with a filler file leaving a random few files' worth free;
+    else an ENOSPC injected into a random write); free the space; run the same command again."""
+    self.reference(mode); trial = self._trial(); filler = trial/'filler'
+    if real:
+        _mount_tmpfs(trial, 8_000_000)
+        free = int(self.rng.uniform(0.2, 5.5 if mode == 'checkpoint' else 2.8) * self.ref_model.stat().st_size)
+        with open(filler, 'wb') as f: f.write(b'\0' * max(0, shutil.disk_usage(trial).free - free))
+        fault = None
+    else:
+        point = self.rng.choice(['checkpoint' if mode == 'checkpoint' else 'backup', 'history', 'tokenizer', 'save'])
+        fault = f'enospc:{point}:{self.rng.randint(1, {"checkpoint": 5, "backup": 10, "history": 10, "tokenizer": 2, "save": 1}[point])}'
+    try:
+        rc, out, err = _run(train_command(trial, mode), fault=fault)
+        if rc == 0: outcome, why = 'lost', 'the disk did not fill'       # (the filler left too much room)
+        elif not (_clear_error(rc, err) and 'the disk is full: writing ' in err and ' needs ' in err):
+            outcome, why = 'lost', f'not a clear one-line error: exit {rc}: {err.strip()[-300:]}'
+        elif not _intact(trial, mode): outcome, why = 'lost', 'a checkpoint or backup written before is damaged'
         else:
-            point = self.rng.choice(['checkpoint' if mode == 'checkpoint' else 'backup', 'history', 'tokenizer', 'save'])
-            fault = f'enospc:{point}:{self.rng.randint(1, {"checkpoint": 5, "backup": 10, "history": 10, "tokenizer": 2, "save": 1}[point])}'
-        try:
-            rc, out, err = _run(train_command(trial, mode), fault=fault)
-            if rc == 0: outcome, why = 'lost', 'the disk did not fill'       # (the filler left too much room)
-            elif not (_clear_error(rc, err) and 'the disk is full: writing ' in err and ' needs ' in err):
-                outcome, why = 'lost', f'not a clear one-line error: exit {rc}: {err.strip()[-300:]}'
-            elif not _intact(trial, mode): outcome, why = 'lost', 'a checkpoint or backup written before is damaged'
-            else:
-                kind = _file_kind(re.search(r"writing '([^']+)'", err).group(1))
-                self.where[kind] = self.where.get(kind, 0) + 1
-                filler.unlink(missing_ok=True)
-                outcome, why = self._finish(trial, mode, -signal.SIGKILL)           # the same command again
-                if outcome == 'identical': outcome = 'error'
-        finally:
-            if real: subprocess.run(['umount', str(trial)], check=False)
-        self.record(f'full disk ({"a real tmpfs" if real else "ENOSPC injected"})', mode, outcome, why=why)
+            kind = _file_kind(re.search(r"writing '([^']+)'", err).group(1))
+            self.where[kind] = self.where.get(kind, 0) + 1
+            filler.unlink(missing_ok=True)
+            outcome, why = self._finish(trial, mode, -signal.SIGKILL)           # the same command again
+            if outcome == 'identical': outcome = 'error'
+    finally:
+        if real: subprocess.run(['umount', str(trial)], check=False)
+    self.record(f'full disk ({"a real tmpfs" if real else "ENOSPC injected"})', mode, outcome, why=why)
 
+# %% ../nbs/08a_faults.ipynb #fa000074
 def _file_kind(path)->str:
     "What a run's file is, from its name."
     name = Path(path).name
@@ -272,6 +288,7 @@ def _serves_same(served, model)->bool:
         a, b = (tf.saved_model.load(str(p)).signatures['serving_default'](text=text) for p in (served, fresh))
         return all((a[k].numpy() == b[k].numpy()).all() for k in ('tokens', 'probabilities'))
 
+# %% ../nbs/08a_faults.ipynb #fa000075
 POINT_NAMES = {'checkpoint': 'a checkpoint write', 'history': 'the history append', 'backup': 'a backup write',
                'tokenizer': 'the tokenizer write', 'save': 'the final save', 'export': 'an export'}
 FAULT_REACH = {'checkpoint': dict(tokenizer=1, checkpoint=2, history=2, save=1),    # mode -> point -> kill at the 1st to N-th pass
@@ -331,6 +348,7 @@ def fault_table(c:FaultCampaign)->str:
     fmt = lambda r: '  '.join(str(x).ljust(w[i]) if i < 2 else str(x).rjust(w[i]) for i, x in enumerate(r))
     return '\n'.join([fmt(head), '  '.join('-' * n for n in w), *map(fmt, rows)])
 
+# %% ../nbs/08a_faults.ipynb #fa000077
 @call_parse
 def minlstm_faults(kills:int=100,           # SIGKILLs at least, across both modes
                    seed:int=0,              # picks the moments, the points, the damage and the free space

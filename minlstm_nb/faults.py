@@ -128,7 +128,7 @@ class FaultCampaign:
 # %% ../nbs/08a_faults.ipynb #fa000068
 @patch
 def kill_chain(self:FaultCampaign, mode, faults:list):
-    """Start the run, SIGKILL it at each fault of `faults` in turn (a point name: the first time the process is inside
+    """Start the run, SIGKILL it at each fault of the list in turn (a point name: the first time the process is inside
     that write, its file half written; "random": a moment chosen at random in its training), restarting it with the
     same command after each; then let it finish and compare. Before a kill in the final save, a good model of an
     earlier run is in place: it must survive the kill."""

@@ -34,7 +34,8 @@ def latest_checkpoint(d):
         warnings.warn(f'skipping {str(p)!r}: not a complete .keras file (cut short by a crash or a full disk?)')
     return 0, None
 
-def past_epochs(what, where, start, epochs):
+def past_epochs(what, where, start, epochs)->ValueError:
+    "The error for a run asked to train to `epochs` from a checkpoint or backup (`what`, in `where`) already at epoch `start`."
     return ValueError(f'the {what} in {str(where)!r} is from epoch {start}, past epochs={epochs}: train to at least '
                       f'{start} epochs to continue it, or start a new run elsewhere')
 

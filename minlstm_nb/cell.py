@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['BACKENDS', 'g', 'log_g', 'mingru_gates', 'minlstm_gates', 'scan_dtype', 'MinGRUCell', 'MinLSTMCell', 'gate_scan',
-           'min_rnn_scan', 'MinGRU', 'MinLSTM']
+           'min_rnn_scan', 'MinGRU', 'MinLSTM', 'NOT_APPLICABLE', 'SUPPORTED', 'argument_table']
 
 # %% ../nbs/03_cell.ipynb #01ae3679
 import numpy as np
@@ -13,6 +13,9 @@ from keras import ops
 from .checks import check_int, check_rate
 from .dropin import NOT_APPLICABLE, SUPPORTED, refuse_inapplicable, argument_table
 from .scan import step_scan, linear_scan, linear_scan_grad, scan_method, SCANS
+
+# %% ../nbs/03_cell.ipynb #ce000001
+_all_ = ['NOT_APPLICABLE', 'SUPPORTED', 'argument_table']   # defined in dropin
 
 # %% ../nbs/03_cell.ipynb #adf93e50
 def g(x): # pre-activation of the candidate state, any shape

@@ -19,9 +19,8 @@ def check_int(name:str, # the argument's name, for the message
     return int(v)
 
 def check_rate(name:str, v)->float:
-    "`v` as a `float` in [0, 1) (a dropout or a validation split): a `TypeError` or `ValueError` naming `name` otherwise."
-    if isinstance(v, bool) or not isinstance(v, Real): raise TypeError(f'{name} must be a number in [0, 1), not {type(v).__name__}')
-    if not 0 <= v < 1: raise ValueError(f'{name} must be a number in [0, 1), got {v!r}')
+    "`v` as a `float` in [0, 1) (a dropout or a validation split): a `ValueError` naming `name` otherwise, whatever `v` is."
+    if isinstance(v, bool) or not isinstance(v, Real) or not 0 <= v < 1: raise ValueError(f'{name} must be a number in [0, 1), got {v!r}')
     return float(v)
 
 def check_choice(name:str, v, choices):

@@ -12,7 +12,7 @@ from pathlib import Path
 from html.parser import HTMLParser
 from fastcore.script import call_parse, store_true
 from .console import import_quietly
-from .mathml import tex_to_mathml, MATH_FUNCTIONS
+from .mathml import tex_to_mathml, typeset, MATH_FUNCTIONS
 
 
 # %% ../nbs/90_docs.ipynb #30491a3a

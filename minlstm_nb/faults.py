@@ -11,7 +11,7 @@ import os, re, sys, json, time, errno, random, shutil, signal, subprocess, tempf
 from pathlib import Path
 from fastcore.basics import patch
 from fastcore.script import call_parse, store_true
-from .durable import fault_point, FAULT_ENV, FAULT_POINTS, DiskFullError, disk_full, is_disk_full, temp_prefix, remove_stale_temps, TEMP_NAME, pid_alive, atomic_write
+from .durable import human_size, fault_point, FAULT_ENV, FAULT_POINTS, DiskFullError, disk_full, is_disk_full, temp_prefix, remove_stale_temps, TEMP_NAME, pid_alive, atomic_write
 from .machine import cpu_model
 
 # %% ../nbs/08a_faults.ipynb #fa000060

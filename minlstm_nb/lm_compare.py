@@ -18,7 +18,7 @@ from .durable import atomic_write
 from .machine import cpu_model, visible_devices
 from .console import StatusLine
 from .tokenize import Tokenizer, read_lines, text_files
-from .corpus import CharCorpus, shakespeare_texts, python_sources, training_batch, validation_windows
+from .corpus import CharCorpus, shakespeare_texts, python_sources, strip_gutenberg, training_batch, validation_windows
 from .model import step_function, model_initial_states, sample_next
 from .checks import check_int, check_rate, check_choice
 from .blocks import ResidualBlock, TransformerBlock, empty_cache, initial_states

@@ -91,26 +91,7 @@ def matched_width(kind, params, vocab_size, context, depth=3, heads=4, ff_mult=4
     return min(range(step, 2049, step),
                key=lambda d: abs(lm_params(kind, vocab_size, context, d, depth, ff_mult, conv, expansion_factor) - params))
 
-# %% ../nbs/09_language_model.ipynb #da9b0c1d
-def _schedule(learning_rate, steps, warmup):
-    return keras.optimizers.schedules.CosineDecay(0.0, max(1, steps - warmup), alpha=0.1,
-                                                  warmup_target=learning_rate, warmup_steps=warmup)
-
-def _check_match(kind, n, params, heads):
-    "Warn when the nearest width misses the parameter target by more than 10%."
-    if abs(n - params) > 0.1*params:
-        warnings.warn(f'{NAMES[kind]} has {n:,} parameters, {n/params - 1:+.0%} from the {params:,} asked: '
-                      + (f'its width comes in steps of heads={heads}; fewer heads match more closely'
-                         if kind == 'transformer'
-                         else 'no width comes closer'))
-
-def _optimizer(model, learning_rate, steps, warmup, weight_decay, clip):
-    "AdamW (nanoGPT's betas) with warm-up and cosine decay, clipping the gradients' global norm; no decay on biases and norms."
-    opt = keras.optimizers.AdamW(_schedule(learning_rate, steps, warmup), weight_decay=weight_decay, beta_2=0.99,
-                                 global_clipnorm=clip)
-    opt.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables if len(v.shape) < 2])
-    return opt
-
+# %% ../nbs/09_language_model.ipynb #lm0help1
 def _batch_size(corpus, context, tokens_per_step)->int:
     "Windows per batch: `tokens_per_step` characters in windows of `context`, with text enough on both sides of the split."
     for what, ids in (('training', corpus.train_ids), ('held-out', corpus.val_ids)):
@@ -154,6 +135,26 @@ def _train_steps(model, corpus, context, batch_size, steps, seed, eval_every, va
             if say: say(step + 1, loss, curve[-1])
     return dict(curve=curve, train_losses=losses, seconds=seconds, trace_seconds=trace,
                 step_seconds=float(np.median(step_times)) if step_times else trace)
+
+# %% ../nbs/09_language_model.ipynb #da9b0c1d
+def _schedule(learning_rate, steps, warmup):
+    return keras.optimizers.schedules.CosineDecay(0.0, max(1, steps - warmup), alpha=0.1,
+                                                  warmup_target=learning_rate, warmup_steps=warmup)
+
+def _check_match(kind, n, params, heads):
+    "Warn when the nearest width misses the parameter target by more than 10%."
+    if abs(n - params) > 0.1*params:
+        warnings.warn(f'{NAMES[kind]} has {n:,} parameters, {n/params - 1:+.0%} from the {params:,} asked: '
+                      + (f'its width comes in steps of heads={heads}; fewer heads match more closely'
+                         if kind == 'transformer'
+                         else 'no width comes closer'))
+
+def _optimizer(model, learning_rate, steps, warmup, weight_decay, clip):
+    "AdamW (nanoGPT's betas) with warm-up and cosine decay, clipping the gradients' global norm; no decay on biases and norms."
+    opt = keras.optimizers.AdamW(_schedule(learning_rate, steps, warmup), weight_decay=weight_decay, beta_2=0.99,
+                                 global_clipnorm=clip)
+    opt.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables if len(v.shape) < 2])
+    return opt
 
 def train_lm(kind:str,                 # "minlstm", "mingru", "lstm", "gru" or "transformer"
              corpus:CharCorpus,         # the characters to learn

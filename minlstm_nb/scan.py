@@ -203,7 +203,7 @@ def linear_scan(a, b, h0,             # (batch, time, features), same; h0: (batc
     a_next = ops.concatenate([a[:, 1:], ops.ones_like(a[:, :1])], 1)
     return ops.flip(scan(ops.flip(a_next, 1), ops.flip(b, 1), ops.zeros_like(h0)), 1)
 
-# %% ../nbs/02_scan.ipynb #56a10e94
+# %% ../nbs/02_scan.ipynb #sc0grad1
 def linear_scan_grad(a, h, h0,   # the recurrence's coefficients, its states and initial state
                      dh,          # dL/dh for every step
                      method=None, # as for linear_scan
@@ -212,6 +212,7 @@ def linear_scan_grad(a, h, h0,   # the recurrence's coefficients, its states and
     g = linear_scan(a, dh, h0, reverse=True, method=method)    # g_t = dL/dh_t + a_{t+1} g_{t+1}
     return g*ops.concatenate([h0[:, None], h[:, :-1]], 1), g, g[:, 0]*a[:, 0]
 
+# %% ../nbs/02_scan.ipynb #56a10e94
 def _scan_with_grad(method):
     @ops.custom_gradient
     def scan(log_a, log_b, h0):

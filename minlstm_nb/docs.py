@@ -20,11 +20,15 @@ _MATH = re.compile(r'\$\$(.+?)\$\$|(?<![\\$\w])\$(?!\s)((?:[^$\n]|\n(?!\n))+?)(?
 _CODE = re.compile(r'(^```.*?^```[ \t]*$|`+[^`\n]*?`+)', re.S | re.M)
 _SITE = re.compile(r'https://minlstm-nb\.github\.io/minlstm_nb/([\w.-]+\.html)')   # the website's own pages
 
+def _inert(mathml):  # `a^*_t + ... a^*_s`: two stars would be read as emphasis and vanish from the formula
+    "MathML with the characters markdown acts on (`*`, `_`, `\\`) written as HTML entities, so they reach the page."
+    return mathml.replace('\\', '&#92;').replace('*', '&#42;').replace('_', '&#95;')
+
 def clean_markdown(md, pages=None):
     "Markdown as an offline page shows it: math as MathML, Quarto's link attributes gone, links between pages to `.html`."
     pages = pages or {}
     def text(s):
-        s = _MATH.sub(lambda m: tex_to_mathml(m[1], True) if m[1] is not None else tex_to_mathml(m[2]), s)
+        s = _MATH.sub(lambda m: _inert(tex_to_mathml(m[1], True) if m[1] is not None else tex_to_mathml(m[2])), s)
         s = re.sub(r'(\]\([^)\s]*\))\{[^}\n]*\}', r'\1', s)                    # [a](b){target="_blank" ...}
         s = _SITE.sub(r'\1', s)
         return re.sub(r'\]\(([\w.-]+\.ipynb)(#[^)]*)?\)',
@@ -130,7 +134,8 @@ def _resolve(modules, dotted):
         if obj is not None: return obj
 
 def _cards_in_order(cells):
-    "nbdev puts an exported cell's last card above its code and the others below it, reversed: all above, in source order."
+    "nbdev puts an exported cell's last card above its code and the others below it, reversed, and a hidden cell's cards"
+    "reversed: all above the code, in source order."
     out, i = [], 0
     while i < len(cells):
         c = cells[i]
@@ -141,6 +146,12 @@ def _cards_in_order(cells):
                 i += 1
                 after.append(cells[i])
             out += sorted(before + after, key=lambda x: x.metadata['card']) + [c]
+        elif 'card' in c.metadata:                      # a run of cards: a hidden cell's, or show_doc cells in a row
+            run = [c]
+            while i + 1 < len(cells) and 'card' in cells[i + 1].metadata and not cells[i + 1].metadata.get('exported'):
+                i += 1
+                run.append(cells[i])
+            out += sorted(run, key=lambda x: x.metadata['card'])
         else: out.append(c)
         i += 1
     return out
@@ -350,6 +361,8 @@ _TEMP = re.compile(r'(?:[/\\][\w.-]+)*?[/\\]tmp[a-z0-9_]{8}(?![a-z0-9_])')   # a
 _GLUED = re.compile(r'(?<!<msub>)(?<!<msup>)<mi>(' + '|'.join(sorted(MATH_FUNCTIONS))   # not log in log_2, nor
                     + r')</mi>(?!<mo>\u2061|</)')                                        # a name alone: $\tanh$
 
+_LOST = re.compile(r'<math\b(?:(?!</math>).)*?<(em|strong)>', re.S)   # markdown's emphasis inside a formula
+
 def _output_problems(name, h):
     "A temporary folder's path in the page; math typeset without TeX's spacing, or without a math font."
     problems = []
@@ -358,6 +371,7 @@ def _output_problems(name, h):
     if (m := _GLUED.search(h)): problems.append(f'{name}: a function name glued to its argument: {m[1]!r}')
     if re.search(r'<mn>\d+</mn><mrow><mo>,</mo></mrow><mn>\d{3}</mn>', h):
         problems.append(f'{name}: a thousands separator spaced as a list comma')
+    if (m := _LOST.search(h)): problems.append(f'{name}: a formula lost its * or _ to markdown (<{m[1]}> inside <math>)')
     if '<math' in h and _MATH_FONT not in h:
         problems.append(f'{name}: math without a math font (display sums and brackets drawn small)')
     return problems

@@ -14,7 +14,7 @@ FLOORS = {  # floor -> (what it holds, its modules)
     0: ('standard-library helpers: durable writes, argument checks, the machine, the console',
         ('durable', 'checks', 'machine', 'console')),
     1: ('data: text to ids, windows, a corpus of characters', ('tokenize', 'window', 'corpus')),
-    2: ('the linear recurrence and its scans', ('scan',)),
+    2: ('the linear recurrence, its scans and the gates that feed them', ('scan', 'gates')),
     3: ('the CPU kernels and the rule for which implementation runs where', ('kernels',)),
     4: ('the layers: cells, minGRU and minLSTM, residual blocks', ('dropin', 'cell', 'blocks')),
     5: ('the language model, training, checkpoints, prediction', ('model', 'checkpoints', 'training', 'prediction')),

@@ -109,6 +109,12 @@ def tidy_card(md,       # a card as nbdev's show_doc writes it (markdown)
              ):         # the card as Keras' API pages write one
     "`class` for a class, only the parameters' own annotations (short names), docstring sections as lists and code."
     import inspect
+    md = re.sub(r'(\w+):(\w+) <([^<>\n]*)>(=[^,\n]*)?, ',                  # fastcore's Param(help, type): a line of
+                lambda k: f"{k[1]}:{k[2]}{k[4] or ''}, # {k[3]}\n    ", md)    # its own, the help as its comment
+    if '#LNone' in md:                                                     # nbdev found the file, not the line
+        try: line = inspect.getsourcelines(inspect.unwrap(obj))[1] if obj is not None else None
+        except (TypeError, OSError): line = None
+        md = md.replace('#LNone', f'#L{line}' if line else '')
     m = re.search(r'```python\n(.*?)```', md, re.S)
     if m and obj is not None:
         try: own = {n for n, p in inspect.signature(obj).parameters.items() if p.annotation is not p.empty}
@@ -394,6 +400,7 @@ def check_docs(out='_docs_lite'):
             problems.append(f'{f.name}: loads a script or style from the network')
     for f, p in seen.items():
         for href in p.links:
+            if href.endswith('#LNone'): problems.append(f'{f}: a source link without its line (#LNone)')
             if re.match(r'[a-z]+:', href): continue                      # http(s), mailto: outside this build
             page, _, frag = href.partition('#')
             target = seen.get(page or f)

@@ -126,7 +126,7 @@ def _logcumsumexp(x, axis):
     return ops.associative_scan(ops.logaddexp, x, axis=axis)   # keras.ops has no logcumsumexp
 
 def log_space_scan(log_a, log_b, log_h0=None):
-    "The paper's parallel scan (Heinsen 2023): `cumsum` and `cumulative_logsumexp` in log space. Loses precision as T grows."
+    "The paper's parallel scan (Heinsen 2023): two cumulative ops in log space. Loses precision as T grows."
     log_a, log_b, _ = _check_inputs(log_a, log_b, log_h0, None)
     if log_h0 is not None:   # prepend h_0 as a step with a = 1, b = h_0
         log_a = ops.pad(log_a, [[0, 0], [1, 0], [0, 0]])

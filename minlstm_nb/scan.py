@@ -58,14 +58,7 @@ def sequential_scan(log_a,      # log of the decay coefficients a_t, (batch, tim
                    ):           # h_t for every step, shaped like log_b
     "`h_t = a_t*h_{t-1} + b_t` one step at a time: the reference, a compiled loop over time."
     log_a, log_b, h0 = _check_inputs(log_a, log_b, log_h0, h0)
-    return _step_loop(ops.exp(log_a), ops.exp(log_b), h0)
-
-def _step_loop(a, b, h0):
-    tm = lambda v: ops.transpose(v, (1, 0, 2))
-    if tf is None: return tm(ops.scan(lambda h, ab: (ab[0]*h + ab[1],)*2, h0, (tm(a), tm(b)))[1])
-    return tm(tf.scan(lambda h, ab: ab[0]*h + ab[1], (tm(a), tm(b)), initializer=h0))
-
-if tf is not None: _step_loop = tf.function(_step_loop, reduce_retracing=True)
+    return step_scan(ops.exp(log_a), ops.exp(log_b), h0)      # the loop below, which the layers use too
 
 
 # %% ../nbs/02_scan.ipynb #e0e7dafe

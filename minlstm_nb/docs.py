@@ -140,8 +140,7 @@ def _resolve(modules, dotted):
         if obj is not None: return obj
 
 def _cards_in_order(cells):
-    "nbdev puts an exported cell's last card above its code and the others below it, reversed, and a hidden cell's cards"
-    "reversed: all above the code, in source order."
+    "nbdev puts an exported cell's cards around its code, a hidden cell's reversed: all above the code, in source order."
     out, i = [], 0
     while i < len(cells):
         c = cells[i]

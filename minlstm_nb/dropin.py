@@ -26,8 +26,8 @@ NOT_APPLICABLE = {
                'parallel mode already computes every step at once, and sequential mode is a compiled loop'),
     'use_cudnn': (('auto', False),
                   'there is no cuDNN kernel for these layers; the scan is keras.ops (or the C++ kernel)'),
-    'implementation': ((1, 2),
-            "it chooses how Keras' LSTM groups its gates' products; each projection here is one matmul"),
+    'implementation': ((0, 1, 2),
+            "it chooses how Keras' LSTM and GRU group their gates' products; each projection here is one matmul"),
     'reset_after': ((True, False), 'it places the reset gate of Keras\' GRU, and minGRU has no reset gate'),
 }
 

@@ -171,9 +171,15 @@ def min_rnn_scan(ks,          # pre-activations: [k_f, k_i, k_h] (minLSTM) or [k
     return gate_scan(ks, h0, mask, method)
 
 # %% ../nbs/03d_layers.ipynb #8dd90baf
+def _differ(h, c)->bool:
+    "Whether two states are known to differ: compared where their values can be read (eagerly), else not known."
+    try: h, c = ops.convert_to_numpy(h), ops.convert_to_numpy(c)
+    except Exception: return False     # symbolic or traced (a functional model, tf.function, jit): values unknown
+    return h.shape != c.shape or not np.allclose(h, c, rtol=1e-6, atol=1e-6)
+
 class _MinRNN(keras.layers.Layer):
     "Shared machinery of the minimal RNN layers: projections, then one scan over the whole sequence."
-    cell_class, not_applicable = None, ()
+    cell_class, not_applicable, state_names = None, (), ('h',)
     def __init__(self, units, return_sequences=False, return_state=False, go_backwards=False, stateful=False,
                  mode='parallel', expansion_factor=1, backend=None, zero_output_for_mask=False, dropout=0.,
                  seed=None, **kwargs):
@@ -238,8 +244,7 @@ class _MinRNN(keras.layers.Layer):
         "Zero the carried state (or set it to `states`, `(batch, units * expansion_factor)`)."
         if not self.stateful: raise AttributeError(f'{self.name} is not stateful: there is no state to reset')
         if self._state is None: return             # not built yet: it will start from zeros
-        value = np.zeros(self._state.shape) if states is None else states[0] if isinstance(states,
-                (list, tuple)) else states
+        value = np.zeros(self._state.shape) if states is None else self._start(states)
         value = ops.convert_to_tensor(value)
         if tuple(value.shape) != tuple(self._state.shape):
             raise ValueError(f'{self.name} carries a state of shape {tuple(self._state.shape)}, got '
@@ -247,6 +252,25 @@ class _MinRNN(keras.layers.Layer):
         self._state.assign(ops.cast(value, self._state.dtype))
 
     def reset_states(self, states=None): self.reset_state(states)   # Keras' older name
+
+    def get_initial_state(self, batch_size):
+        "Zero states as `initial_state` takes them: `[h]` (minGRU) or `[h, c]` (minLSTM), each `(batch_size, state_units)`."
+        if not isinstance(batch_size, (int, np.integer)): batch_size = ops.shape(batch_size)[0]  # Keras 2: a batch
+        return [ops.zeros((batch_size, self.state_units), self.compute_dtype) for _ in self.state_names]
+
+    def _start(self, states):
+        "The one state the scan starts from, out of `initial_state` as Keras' RNN layers take it."
+        if states is None: return None
+        states = list(states) if isinstance(states, (list, tuple)) else [states]
+        kind, names = type(self).__name__, ', '.join(self.state_names)
+        if len(states) not in (1, len(self.state_names)):
+            raise ValueError(f'{kind} carries one state: initial_state takes [{names}]'
+                             + (' (c equal to h) or [h]' if len(self.state_names) > 1 else ' (or the tensor h)')
+                             + f', got {len(states)} states')
+        if len(states) == 2 and _differ(*states):
+            raise ValueError(f"{kind}'s memory c is its hidden state h, so initial_state [h, c] needs h equal to "
+                             f"c (as return_state gives them); these differ. Pass [c] to start from c alone")
+        return states[-1]
 
     def save_own_variables(self, store):           # the carried state travels in the .keras file
         super().save_own_variables(store)
@@ -278,8 +302,7 @@ class _MinRNN(keras.layers.Layer):
         return step_scan(a, b, ops.zeros_like(a[:, 0]) if h0 is None else h0)
 
     def call(self, inputs, initial_state=None, mask=None, training=None):
-        if isinstance(initial_state, (list, tuple)):
-            initial_state = initial_state[0] if initial_state else None
+        initial_state = self._start(initial_state)
         if initial_state is not None:
             initial_state = ops.convert_to_tensor(initial_state)
             s = tuple(initial_state.shape)
@@ -305,16 +328,16 @@ class _MinRNN(keras.layers.Layer):
         if self.zero_output_for_mask and self.return_sequences and mask is not None:   # set by Bidirectional
             out = ops.where(ops.cast(mask, 'bool')[:, :, None], out, ops.zeros_like(out))
         if self.to_out is not None: out = self.to_out(out)
-        return [out, last] if self.return_state else out
+        return [out] + [last]*len(self.state_names) if self.return_state else out
 
     def compute_output_shape(self, input_shape):
         out = (input_shape[0], input_shape[1], self.units) if self.return_sequences else (input_shape[0],
                                                                                           self.units)
-        return [out, (input_shape[0], self.state_units)] if self.return_state else out
+        return (out,) + ((input_shape[0], self.state_units),)*len(self.state_names) if self.return_state else out
 
     def compute_mask(self, inputs, mask=None):
         out_mask = mask if self.return_sequences else None
-        return [out_mask, None] if self.return_state else out_mask
+        return [out_mask] + [None]*len(self.state_names) if self.return_state else out_mask
 
     def get_config(self):
         cell = self.cell.get_config()
@@ -330,7 +353,7 @@ for _a in MinLSTMCell.arguments():               # the cell's arguments read as 
 
 @keras.saving.register_keras_serializable(package='minlstm_nb')
 class MinGRU(_MinRNN):
-    "minGRU over a whole sequence (parallel scan by default); sub-layers `linear_z`, `linear_h`. Arguments as `MinLSTM`'s."
+    "minGRU over a whole sequence; sub-layers `linear_z`, `linear_h`; one state `h`. Arguments as `MinLSTM`'s."
     cell_class = MinGRUCell
     not_applicable = ('activation', 'recurrent_activation', 'recurrent_initializer', 'recurrent_regularizer',
                       'recurrent_constraint', 'recurrent_dropout', 'unroll', 'use_cudnn', 'implementation',
@@ -345,7 +368,8 @@ class MinLSTM(_MinRNN):
     Args:
         units: output features (and state features when `expansion_factor=1`).
         return_sequences: return the output of every step, not just the last.
-        return_state: also return the last state (shape `(batch, units * expansion_factor)`).
+        return_state: return `[output, h, c]` as `LSTM` does: the last state, `(batch, units * expansion_factor)`,
+            twice (minLSTM's memory `c` is its hidden state `h`).
         go_backwards: read the sequence from its end (outputs in that order, as Keras' LSTM).
         stateful: carry each batch row's last state into the next batch (needs a fixed batch size); `reset_state()`.
         mode: "parallel" (a scan over the whole sequence) or "sequential" (a step loop); same function.
@@ -360,7 +384,8 @@ class MinLSTM(_MinRNN):
 
     Call arguments:
         inputs: `(batch, time, features)`.
-        initial_state: the state to start from, `(batch, units * expansion_factor)` (default zeros).
+        initial_state: `[h, c]` with `c` equal to `h` (what `return_state` gives), or `[h]`: the state to start
+            from, `(batch, units * expansion_factor)` (default zeros); states that differ are an error.
         mask: `(batch, time)` booleans; a masked step leaves the state unchanged.
         training: whether dropout applies.
 
@@ -369,7 +394,7 @@ class MinLSTM(_MinRNN):
         >>> layer(np.zeros((2, 10, 8), 'float32')).shape
         TensorShape([2, 10, 32])
     """
-    cell_class = MinLSTMCell
+    cell_class, state_names = MinLSTMCell, ('h', 'c')
     not_applicable = ('activation', 'recurrent_activation', 'recurrent_initializer', 'recurrent_regularizer',
                       'recurrent_constraint', 'recurrent_dropout', 'unroll', 'use_cudnn', 'implementation')
     linear_f = property(lambda self: self.cell.linear_f)

@@ -66,7 +66,7 @@ SUPPORTED = {  # argument of keras.layers.LSTM/GRU that has a meaning here: what
     'bias_constraint': 'applied after each optimizer step',
     'dropout': 'input features dropped in training, the same ones at every step of a sequence',
     'seed': "the dropout's random seed", 'return_sequences': 'every step\'s output, not just the last',
-    'return_state': 'also the last state', 'go_backwards': 'read the sequence from its end',
+    'return_state': 'also the last state: `[output, h]` (`MinGRU`), `[output, h, c]` with `c` the same as `h` (`MinLSTM`)', 'go_backwards': 'read the sequence from its end',
     'stateful': 'carry each row\'s last state into the next batch (a fixed batch size; `reset_state()`)',
 }
 

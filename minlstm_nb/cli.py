@@ -38,8 +38,11 @@ def launch(command:str, target:str|None=None):
         args = vars(anno_parser(f).parse_args())        # what call_parse does when a script calls it directly
         for k in ('pdb', 'xtra'): args.pop(k, None)
         return f(**args)
-    if verbose_requested(sys.argv[1:]): return run()
-    with FilteredStderr(): return run()
+    try:
+        if verbose_requested(sys.argv[1:]): return run()
+        with FilteredStderr(): return run()
+    except KeyboardInterrupt:   # Ctrl-C where the command says nothing itself (e.g. while TensorFlow loads)
+        print(f'{command}: interrupted', file=sys.stderr); sys.exit(130)
 
 # %% ../nbs/91_cli.ipynb #18786593
 # the console scripts' entry points (settings.ini), one per command

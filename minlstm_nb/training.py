@@ -7,14 +7,14 @@ __all__ = ['PROGRESS', 'build_model', 'epoch_dataset', 'fit_language_model', 'tr
            'MODEL_FILE', 'AtomicCheckpoint', 'HistoryLog', 'latest_backup', 'BackupAndRestore']
 
 # %% ../nbs/04_training.ipynb #45f3c153
-import csv, json, math, os, re, shutil, sys, tempfile, time, warnings, zipfile
+import csv, json, math, os, re, shlex, shutil, sys, tempfile, time, warnings, zipfile
 from pathlib import Path
 import numpy as np
 import tensorflow as tf
 import keras
 from fastcore.basics import patch
 from fastcore.script import call_parse, store_true
-from .durable import atomic_write, fault_point, is_disk_full, disk_full, DiskFullError, remove_stale_temps
+from .durable import atomic_write, fault_point, is_disk_full, disk_full, DiskFullError, remove_stale_temps, folder_lock, FolderInUse
 from .model import LanguageModel, MODEL_FILE
 from .console import first_line
 from .checkpoints import past_epochs, RunFiles, from_checkpoints, from_backup, history_dict, load_backup, latest_backup, latest_checkpoint, complete_keras_file, saved_size, AtomicCheckpoint, HistoryLog, BackupAndRestore
@@ -283,6 +283,20 @@ class _Progress(keras.callbacks.Callback):
         self.out(f'epoch {epoch + 1}/{self.epochs}: loss {logs.get("loss", float("nan")):.4f}{extra} ({_duration(now - self.t0)}{left})')
         self.last_line = now
 
+def _command()->str:
+    "The command line this process runs, as a shell takes it (the script by its name)."
+    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+def _interrupted(out, checkpoint_every, resume, backup_dir)->str:
+    "What a run stopped by Ctrl-C says: what it saved, and the command that continues it."
+    epoch = latest_checkpoint(Path(out)/'checkpoints')[0] if checkpoint_every or resume else 0
+    if epoch:
+        return (f'checkpoints up to epoch {epoch} are in {Path(out)/"checkpoints"}; to continue: {_command()}'
+                + ('' if resume else ' --resume'))
+    if backup_dir is not None and Path(backup_dir).is_dir() and (epoch := latest_backup(backup_dir)[0]):
+        return f'the backup of epoch {epoch} is in {backup_dir}; to continue, run the same command: {_command()}'
+    return 'nothing was saved (with --checkpoint_every N, an interrupted run can be continued)'
+
 def train_main(file=None, out='minlstm_model', epochs=500, cell='minlstm', level='word', seq_length=3, units=10,
                embedding_dim=8, depth=1, batch_size=None, learning_rate=0.01, validation_split=0.0, seed=0,
                checkpoint_every=None, resume=False, quiet=False, print=print, backup_dir=None, progress='auto',
@@ -297,29 +311,29 @@ def train_main(file=None, out='minlstm_model', epochs=500, cell='minlstm', level
         raise ValueError('keep_checkpoints needs checkpoints: give checkpoint_every too')
     out = Path(out)
     if out.exists() and not out.is_dir(): raise ValueError(f'output {str(out)!r} exists and is not a directory')
-    start, kind = 0, 'checkpoint' if resume else 'backup'    # where the run continues from, if it does
-    if resume: start = latest_checkpoint(out/'checkpoints')[0]
-    elif backup_dir is not None and Path(backup_dir).is_dir(): start = latest_backup(backup_dir)[0]
-    source = f'the {kind} of epoch {start} in {out/"checkpoints" if resume else backup_dir}'
-    if start > epochs: raise past_epochs('latest checkpoint' if resume else 'backup', out/'checkpoints' if resume else backup_dir, start, epochs)
-    say = (lambda *a, **k: None) if quiet else print
-    size = f'{len(text_files(file))} files' if many else f'{len(text):,} characters'
-    say(f'training {cell} on {"the built-in article" if file is None else file}: {size}, {level} level, '
-        f'{seq_length}-{level} windows, {epochs} epochs, seed {seed}')
-    if resume and not start: say(f'no checkpoint in {out/"checkpoints"} yet: training from the start')
-    if start: say(f'resuming from {source}: {epochs - start} epochs to go')
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)
-    ckpt = (dict(checkpoint_dir=out/'checkpoints', checkpoint_every=checkpoint_every, resume=resume, keep_checkpoints=keep_checkpoints)
-            if (checkpoint_every or resume) else {})
-    lm = fit_language_model(text, files=file if many else None, backup_dir=backup_dir, delete_backup=False, cell=cell, level=level, seq_length=seq_length, epochs=epochs, units=units, embedding_dim=embedding_dim,
-                            depth=depth, batch_size=batch_size, learning_rate=learning_rate, validation_split=validation_split,
-                            seed=seed, verbose=0, callbacks=[] if quiet or progress == 'none' else [_Progress(progress, print)], **ckpt)
-    path = lm.save(out/MODEL_FILE)
-    if backup_dir is not None: shutil.rmtree(backup_dir, ignore_errors=True)   # only now: a kill in the save above resumes from it
-    h = lm.history.history
-    print(f'final loss {h["loss"][-1]:.4f}, accuracy {h["accuracy"][-1]:.4f} after {epochs} epochs'
-          f'{f" (resumed from the {kind} of epoch {start})" if start else ""}; saved {path}')
+    with folder_lock(out, _command()):             # one run per folder: a second live one is refused here
+        start, kind = 0, 'checkpoint' if resume else 'backup'    # where the run continues from, if it does
+        if resume: start = latest_checkpoint(out/'checkpoints')[0]
+        elif backup_dir is not None and Path(backup_dir).is_dir(): start = latest_backup(backup_dir)[0]
+        source = f'the {kind} of epoch {start} in {out/"checkpoints" if resume else backup_dir}'
+        if start > epochs: raise past_epochs('latest checkpoint' if resume else 'backup', out/'checkpoints' if resume else backup_dir, start, epochs)
+        say = (lambda *a, **k: None) if quiet else print
+        size = f'{len(text_files(file))} files' if many else f'{len(text):,} characters'
+        say(f'training {cell} on {"the built-in article" if file is None else file}: {size}, {level} level, '
+            f'{seq_length}-{level} windows, {epochs} epochs, seed {seed}')
+        if resume and not start: say(f'no checkpoint in {out/"checkpoints"} yet: training from the start')
+        if start: say(f'resuming from {source}: {epochs - start} epochs to go')
+        remove_stale_temps(out)
+        ckpt = (dict(checkpoint_dir=out/'checkpoints', checkpoint_every=checkpoint_every, resume=resume, keep_checkpoints=keep_checkpoints)
+                if (checkpoint_every or resume) else {})
+        lm = fit_language_model(text, files=file if many else None, backup_dir=backup_dir, delete_backup=False, cell=cell, level=level, seq_length=seq_length, epochs=epochs, units=units, embedding_dim=embedding_dim,
+                                depth=depth, batch_size=batch_size, learning_rate=learning_rate, validation_split=validation_split,
+                                seed=seed, verbose=0, callbacks=[] if quiet or progress == 'none' else [_Progress(progress, print)], **ckpt)
+        path = lm.save(out/MODEL_FILE)
+        if backup_dir is not None: shutil.rmtree(backup_dir, ignore_errors=True)   # only now: a kill in the save above resumes from it
+        h = lm.history.history
+        print(f'final loss {h["loss"][-1]:.4f}, accuracy {h["accuracy"][-1]:.4f} after {epochs} epochs'
+              f'{f" (resumed from the {kind} of epoch {start})" if start else ""}; saved {path}')
     return lm
 
 @call_parse
@@ -350,6 +364,12 @@ def minlstm_train(file:str=None,               # a UTF-8 text file, or a directo
                     keep_checkpoints=keep_checkpoints)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f'minlstm_train: error: {e}', file=sys.stderr); sys.exit(2)
+    except FolderInUse as e:
+        print(f'minlstm_train: error: {e}; wait for it to end, or give another --out', file=sys.stderr); sys.exit(2)
+    except KeyboardInterrupt:                     # Ctrl-C: one line, no traceback, the exit status a shell expects
+        print(f'minlstm_train: interrupted; {_interrupted(out, checkpoint_every, resume, backup_dir)}',
+              file=sys.stderr)
+        sys.exit(130)
     except OSError as e:
         if not is_disk_full(e): raise
         then = ('the checkpoints written before it are intact: free some space (or keep fewer with --keep_checkpoints N) '

@@ -23,11 +23,13 @@ from .durable import fault_point, is_disk_full, disk_full, temp_prefix, remove_s
 _all_ = ['step_function', 'model_initial_states']   # defined in model
 
 # %% ../nbs/05_prediction.ipynb #795a5e6b
-def predict_main(model, prompt='recurrent neural networks', k=3, generate=0, temperature=1.0, top_k=None, seed=None, unknown=None, print=print):
+def predict_main(model, prompt='recurrent neural networks', k=3, generate=0, temperature=1.0, top_k=None, seed=None, unknown=None, print=print,
+                 context='window'):
     "What `minlstm_predict` does, callable from Python."
     lm = LanguageModel.load(model)
     top = lm.predict_next(prompt, k=k, unknown=unknown)
-    text = lm.generate(prompt, generate, temperature=temperature, seed=seed, top_k=top_k, unknown=unknown) if generate else None
+    text = lm.generate(prompt, generate, temperature=temperature, seed=seed, top_k=top_k, unknown=unknown,
+                                context=context) if generate else None
     print(f'{prompt} -> ' + ', '.join(f'{w} ({p:.3f})' for w, p in top))
     if text is not None: print(f'{prompt} {text}')
     return top
@@ -57,10 +59,11 @@ def minlstm_predict(model:str,                                # a saved model fi
                     top_k:int=None,                           # sample among the k likeliest only
                     seed:int=None,                            # sampling seed
                     unknown:str=None,                         # words the model never saw: error (default), drop, or oov
+                    context:str='window',                     # generate from the last seq_length tokens (window) or a carried state (carry)
                     verbose:store_true=False, # show TensorFlow's own log lines on stderr (also: MINLSTM_NB_VERBOSE=1)
                    ):
     "Print the likeliest next tokens after PROMPT, and optionally generate text, with a model saved by minlstm_train."
-    try: predict_main(model, prompt, k, generate, temperature, top_k, seed, unknown)
+    try: predict_main(model, prompt, k, generate, temperature, top_k, seed, unknown, context=context)
     except (ValueError, TypeError, FileNotFoundError) as e:
         hint = ' (on the command line: --unknown drop)' if 'unknown token' in str(e) and unknown is None else ''
         print(f'minlstm_predict: error: {e}{hint}', file=sys.stderr); sys.exit(2)

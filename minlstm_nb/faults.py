@@ -11,7 +11,7 @@ import os, re, sys, json, time, errno, random, shutil, signal, subprocess, tempf
 from pathlib import Path
 from fastcore.basics import patch
 from fastcore.script import call_parse, store_true
-from .durable import human_size, fault_point, FAULT_ENV, FAULT_POINTS, DiskFullError, disk_full, is_disk_full, temp_prefix, remove_stale_temps, TEMP_NAME, pid_alive, atomic_write
+from .durable import human_size, fault_point, FAULT_ENV, FAULT_POINTS, DiskFullError, disk_full, is_disk_full, temp_prefix, remove_stale_temps, TEMP_NAME, pid_alive, atomic_write, LOCK_NAME
 from .machine import cpu_model
 
 # %% ../nbs/08a_faults.ipynb #fa000060
@@ -66,9 +66,10 @@ def _temporaries(trial)->list:
     return sorted(str(p.relative_to(trial)) for p in Path(trial).rglob('.*.tmp*'))
 
 def _snapshot(d)->dict:
-    "Every file under `d` with its size and content hash: to check that a refused run changed nothing."
+    "Every file under `d` with its content hash, to check that a refused run changed nothing; a run's lock is no file of it."
     import hashlib
-    return {str(p.relative_to(d)): hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(Path(d).rglob('*')) if p.is_file()}
+    return {str(p.relative_to(d)): hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(Path(d).rglob('*'))
+            if p.is_file() and p.name != LOCK_NAME}
 
 def _clear_error(rc, err, command='minlstm_train')->bool:
     "Exit 2 and one line on stderr saying `command: error:` (warnings before it, each one line, are allowed)."

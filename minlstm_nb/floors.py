@@ -18,7 +18,7 @@ FLOORS = {  # floor -> (what it holds, its modules)
     3: ('the CPU kernels and the rule for which implementation runs where', ('kernels',)),
     4: ('the layers: cells, minGRU and minLSTM, residual blocks', ('dropin', 'cell', 'blocks')),
     5: ('the language model, training, checkpoints, prediction', ('model', 'checkpoints', 'training', 'prediction')),
-    6: ('the experiments', ('benchmark', 'device_bench', 'selective_copy', 'lm_compare', 'lm_report', 'faults')),
+    6: ('the experiments', ('benchmark', 'device_bench', 'selective_copy', 'lm_compare', 'lm_report', 'forecast', 'faults')),
     7: ('the commands and the docs tooling', ('cli', 'mathml', 'docs', 'floors')),
 }
 FLOOR = {m: f for f, (_, mods) in FLOORS.items() for m in mods}

@@ -89,8 +89,10 @@ def check_series(series, lookback:int, horizon:int, name:str='series')->np.ndarr
 # %% ../nbs/09d_forecast.ipynb #fc000033
 class Forecaster:
     "A trained forecasting model with what turns its outputs into the series' units: `.model`, `.settings`, `.history`."
-    def __init__(self, model:keras.Model, lookback:int, horizon:int, mean:float, std:float, settings=None, history=None):
+    def __init__(self, model:keras.Model, lookback:int, horizon:int, mean:float, std:float, settings=None, history=None,
+                 scale:float|None=None):   # the outputs' unit (default: std; with a season, the spread of its changes)
         self.model, self.lookback, self.horizon, self.mean, self.std = model, lookback, horizon, float(mean), float(std)
+        self.scale = self.std if scale is None else float(scale)
         self.settings = dict(settings or {})
         self.history = {k: [float(v) for v in vs] for k, vs in (history or {}).items()}
 
@@ -105,7 +107,7 @@ class Forecaster:
             raise ValueError(f'windows must have shape (n, {self.lookback}), got {w.shape}')
         out = np.asarray(self.model.predict_on_batch(((w - self.mean) / self.std)[..., None].astype('float32')), 'float64')
         season = self.settings.get('season')
-        return out * self.std + (seasonal_naive(w, self.horizon, season) if season else self.mean)
+        return out * self.scale + (seasonal_naive(w, self.horizon, season) if season else self.mean)
 
     def predict(self, recent)->np.ndarray:
         "The next `horizon` values after `recent`, the latest `lookback` values of the series."
@@ -115,11 +117,11 @@ class Forecaster:
         return self.forecast(x[None])[0]
 
 # %% ../nbs/09d_forecast.ipynb #fc000035
-def _pairs(ds, lookback, horizon, season):
-    "The targets a model learns: the values, or (with `season`) their change from the seasonal naive forecast."
+def _pairs(ds, lookback, horizon, season, unit):
+    "The targets a model learns: the values, or (with `season`) their change from the seasonal naive forecast, in `unit`s."
     if not season: return ds
     idx = season_index(lookback, horizon, season)
-    change = tf.autograph.experimental.do_not_convert(lambda x, y: (x, y - tf.gather(x[..., 0], idx, axis=1)))
+    change = tf.autograph.experimental.do_not_convert(lambda x, y: (x, (y - tf.gather(x[..., 0], idx, axis=1)) * unit))
     return ds.map(change)
 
 def _held_out(n, lookback, horizon, validation_split)->int:
@@ -150,11 +152,14 @@ def fit_forecaster(series,                 # the values to learn from, oldest fi
     if season is not None: season_index(lookback, horizon, season)
     n_fit = _held_out(len(x), lookback, horizon, validation_split)
     mean, std = x[:n_fit].mean(), x[:n_fit].std() or 1.0      # the training part's statistics alone
+    scale = (x[season:n_fit] - x[:n_fit - season]).std() or std if season else std
     z = (x - mean) / std
     if seed is not None: keras.utils.set_random_seed(seed)
-    pairs = lambda s, shuffle: _pairs(forecast_windows(s, lookback, horizon, batch_size, shuffle, seed), lookback, horizon, season)
+    pairs = lambda s, shuffle: _pairs(forecast_windows(s, lookback, horizon, batch_size, shuffle, seed), lookback, horizon,
+                                      season, std / scale)
     val = pairs(z[n_fit - lookback:], False) if n_fit < len(x) else None
     model = build_forecaster(cell, lookback, horizon, units, layers, conv)
+    if season: (head := model.get_layer('forecast')).set_weights([np.zeros_like(w) for w in head.get_weights()])  # starts at the baseline
     model.compile(keras.optimizers.Adam(learning_rate), loss='mae')
     stop = [keras.callbacks.EarlyStopping(patience=patience, restore_best_weights=True)] if val is not None else []
     start = time.perf_counter()
@@ -162,7 +167,7 @@ def fit_forecaster(series,                 # the values to learn from, oldest fi
                         shuffle=False).history                        # (the windows come shuffled)
     settings = dict(cell=cell, units=units, layers=layers, conv=conv, season=season, epochs=epochs, batch_size=batch_size,
                     learning_rate=learning_rate, seconds=round(time.perf_counter() - start, 2))
-    return Forecaster(model, lookback, horizon, mean, std, settings, history)
+    return Forecaster(model, lookback, horizon, mean, std, settings, history, scale)
 
 # %% ../nbs/09d_forecast.ipynb #fc000047
 FORECASTER_FORMAT = 'minlstm_nb.Forecaster'
@@ -174,7 +179,7 @@ def save(self:Forecaster, path)->Path:
     if not path.parent.is_dir(): raise FileNotFoundError(f'cannot save to {str(path)!r}: {str(path.parent)!r} does not exist')
     remove_stale_temps(path.parent, path.name)            # what a save killed midway left
     meta = json.dumps(dict(format=FORECASTER_FORMAT, version=1, lookback=self.lookback, horizon=self.horizon,
-                           mean=self.mean, std=self.std, settings=self.settings, history=self.history), indent=1)
+                           mean=self.mean, std=self.std, scale=self.scale, settings=self.settings, history=self.history), indent=1)
     with tempfile.TemporaryDirectory() as d:
         self.model.save(Path(d)/'model.keras')
         with atomic_write(path, point='save') as tmp, zipfile.ZipFile(tmp, 'w') as z:
@@ -192,4 +197,4 @@ def load(cls:Forecaster, path)->Forecaster:
             model = keras.saving.load_model(z.extract('model.keras', d))
     except (zipfile.BadZipFile, KeyError, ValueError, TypeError, OSError) as e:
         raise ValueError(f'{str(path)!r} is not a valid saved Forecaster: {e}') from None
-    return cls(model, meta['lookback'], meta['horizon'], meta['mean'], meta['std'], meta['settings'], meta['history'])
+    return cls(model, meta['lookback'], meta['horizon'], meta['mean'], meta['std'], meta['settings'], meta['history'], meta['scale'])

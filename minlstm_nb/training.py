@@ -7,7 +7,7 @@ __all__ = ['PROGRESS', 'build_model', 'epoch_dataset', 'fit_language_model', 'tr
            'MODEL_FILE', 'AtomicCheckpoint', 'HistoryLog', 'latest_backup', 'BackupAndRestore']
 
 # %% ../nbs/04_training.ipynb #45f3c153
-import csv, json, math, os, re, shlex, shutil, sys, tempfile, time, warnings, zipfile
+import csv, inspect, json, math, os, re, shlex, shutil, sys, tempfile, time, warnings, zipfile
 from pathlib import Path
 import numpy as np
 import tensorflow as tf
@@ -73,8 +73,9 @@ def _compile(model, learning_rate):
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=['accuracy'])
 
-def _check_fit_args(text, files, tokenizer, level, cell, seq_length, epochs, batch_size, validation_split, learning_rate,
-                    checkpoint_every, keep_checkpoints, max_tokens, resume, checkpoint_dir, backup_dir):
+def _check_fit_args(text, *, files, tokenizer, level, cell, seq_length, epochs, batch_size, validation_split, learning_rate,
+                    checkpoint_every, keep_checkpoints, max_tokens, resume, checkpoint_dir, backup_dir, **_):
+    "Refuse a wrong argument of `fit_language_model`, given by name (the others are the layers' to check)."
     if (text is None) == (files is None): raise TypeError('give the training text, or files=, but not both')
     if files is None and tokenizer is None and not isinstance(text, str): raise TypeError(f'text must be a str, not {type(text).__name__}')
     check_choice('level', level, ('word', 'char')); check_choice('cell', cell, CELLS)
@@ -212,8 +213,7 @@ def fit_language_model(text:str|None=None,       # the training text (or give fi
                        verbose='auto',           # Keras fit's verbosity: "auto", 0, 1 or 2
                       )->LanguageModel:
     "Train a next-token model on `text` (or streamed `files`) with Keras `fit`; returns a `LanguageModel`."
-    _check_fit_args(text, files, tokenizer, level, cell, seq_length, epochs, batch_size, validation_split, learning_rate,
-                    checkpoint_every, keep_checkpoints, max_tokens, resume, checkpoint_dir, backup_dir)
+    _check_fit_args(**locals())                           # every argument, by name, before anything is built
     seed = 0 if seed is None else check_int('seed', seed, 0)
     tokenizer, data, steps, val, batch_size = _training_data(text, files, tokenizer, level, seq_length, batch_size,
                                                              validation_split, max_tokens, errors, shuffle_buffer, epochs, seed)
@@ -283,6 +283,8 @@ class _Progress(keras.callbacks.Callback):
         self.out(f'epoch {epoch + 1}/{self.epochs}: loss {logs.get("loss", float("nan")):.4f}{extra} ({_duration(now - self.t0)}{left})')
         self.last_line = now
 
+
+# %% ../nbs/04_training.ipynb #tr0cmd01
 def _command()->str:
     "The command line this process runs, as a shell takes it (the script by its name)."
     return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
@@ -297,15 +299,22 @@ def _interrupted(out, checkpoint_every, resume, backup_dir)->str:
         return f'the backup of epoch {epoch} is in {backup_dir}; to continue, run the same command: {_command()}'
     return 'nothing was saved (with --checkpoint_every N, an interrupted run can be continued)'
 
-def train_main(file=None, out='minlstm_model', epochs=500, cell='minlstm', level='word', seq_length=3, units=10,
-               embedding_dim=8, depth=1, batch_size=None, learning_rate=0.01, validation_split=0.0, seed=0,
-               checkpoint_every=None, resume=False, quiet=False, print=print, backup_dir=None, progress='auto',
-               keep_checkpoints=None):
-    "What `minlstm_train` does, callable from Python: returns the `LanguageModel`."
+
+# %% ../nbs/04_training.ipynb #tr0cmd02
+def _fit_settings(**given)->dict:
+    "`fit_language_model`'s keyword arguments: its defaults, with `given` over them; an unknown name is a `TypeError`."
+    defaults = {n: p.default for n, p in inspect.signature(fit_language_model).parameters.items() if p.kind == p.KEYWORD_ONLY}
+    if unknown := sorted(set(given) - set(defaults)): raise TypeError(f'unknown setting(s): {", ".join(unknown)}')
+    return {**defaults, **given}
+
+def train_main(file=None, out='minlstm_model', *, checkpoint_every=None, resume=False, keep_checkpoints=None,
+               backup_dir=None, quiet=False, progress='auto', print=print, **settings):
+    "What `minlstm_train` does, callable from Python: `settings` are `fit_language_model`'s. Returns the `LanguageModel`."
+    settings = {'seed': 0, **settings}                   # the command's default seed
+    s = _fit_settings(**settings)
     many = file is not None and (Path(file).is_dir() or any(c in str(file) for c in '*?['))   # a directory or a glob: streamed
     text = None if many else sample_text() if file is None else read_text(file)
-    _check_fit_args(text or '', None, None, level, cell, seq_length, epochs, batch_size, validation_split, learning_rate,
-                    checkpoint_every, keep_checkpoints, None, False, None, None)
+    _check_fit_args(text or '', **{**s, 'checkpoint_every': checkpoint_every, 'keep_checkpoints': keep_checkpoints})
     if progress not in PROGRESS: raise ValueError(f'progress must be one of {", ".join(PROGRESS)}, not {progress!r}')
     if keep_checkpoints is not None and not (checkpoint_every or resume):
         raise ValueError('keep_checkpoints needs checkpoints: give checkpoint_every too')
@@ -316,26 +325,27 @@ def train_main(file=None, out='minlstm_model', epochs=500, cell='minlstm', level
         if resume: start = latest_checkpoint(out/'checkpoints')[0]
         elif backup_dir is not None and Path(backup_dir).is_dir(): start = latest_backup(backup_dir)[0]
         source = f'the {kind} of epoch {start} in {out/"checkpoints" if resume else backup_dir}'
-        if start > epochs: raise past_epochs('latest checkpoint' if resume else 'backup', out/'checkpoints' if resume else backup_dir, start, epochs)
+        if start > s['epochs']: raise past_epochs('latest checkpoint' if resume else 'backup', out/'checkpoints' if resume else backup_dir, start, s['epochs'])
         say = (lambda *a, **k: None) if quiet else print
         size = f'{len(text_files(file))} files' if many else f'{len(text):,} characters'
-        say(f'training {cell} on {"the built-in article" if file is None else file}: {size}, {level} level, '
-            f'{seq_length}-{level} windows, {epochs} epochs, seed {seed}')
+        say(f'training {s["cell"]} on {"the built-in article" if file is None else file}: {size}, {s["level"]} level, '
+            f'{s["seq_length"]}-{s["level"]} windows, {s["epochs"]} epochs, seed {s["seed"]}')
         if resume and not start: say(f'no checkpoint in {out/"checkpoints"} yet: training from the start')
-        if start: say(f'resuming from {source}: {epochs - start} epochs to go')
+        if start: say(f'resuming from {source}: {s["epochs"] - start} epochs to go')
         remove_stale_temps(out)
         ckpt = (dict(checkpoint_dir=out/'checkpoints', checkpoint_every=checkpoint_every, resume=resume, keep_checkpoints=keep_checkpoints)
                 if (checkpoint_every or resume) else {})
-        lm = fit_language_model(text, files=file if many else None, backup_dir=backup_dir, delete_backup=False, cell=cell, level=level, seq_length=seq_length, epochs=epochs, units=units, embedding_dim=embedding_dim,
-                                depth=depth, batch_size=batch_size, learning_rate=learning_rate, validation_split=validation_split,
-                                seed=seed, verbose=0, callbacks=[] if quiet or progress == 'none' else [_Progress(progress, print)], **ckpt)
+        lm = fit_language_model(text, files=file if many else None, backup_dir=backup_dir, delete_backup=False, verbose=0,
+                                callbacks=[] if quiet or progress == 'none' else [_Progress(progress, print)], **ckpt, **settings)
         path = lm.save(out/MODEL_FILE)
         if backup_dir is not None: shutil.rmtree(backup_dir, ignore_errors=True)   # only now: a kill in the save above resumes from it
         h = lm.history.history
-        print(f'final loss {h["loss"][-1]:.4f}, accuracy {h["accuracy"][-1]:.4f} after {epochs} epochs'
+        print(f'final loss {h["loss"][-1]:.4f}, accuracy {h["accuracy"][-1]:.4f} after {s["epochs"]} epochs'
               f'{f" (resumed from the {kind} of epoch {start})" if start else ""}; saved {path}')
     return lm
 
+
+# %% ../nbs/04_training.ipynb #tr0cmd03
 @call_parse
 def minlstm_train(file:str=None,               # a UTF-8 text file, or a directory or glob of them (streamed) (default: the built-in article)
                   out:str='minlstm_model',     # output directory: model.minlstm (and checkpoints/) go here
@@ -359,9 +369,8 @@ def minlstm_train(file:str=None,               # a UTF-8 text file, or a directo
                   verbose:store_true=False, # show TensorFlow's own log lines on stderr (also: MINLSTM_NB_VERBOSE=1)
                  ):
     "Train a next-word (or next-character) model and save it to OUT/model.minlstm."
-    try: train_main(file, out, epochs, cell, level, seq_length, units, embedding_dim, depth, batch_size, learning_rate,
-                    validation_split, seed, checkpoint_every, resume, quiet, backup_dir=backup_dir, progress=progress,
-                    keep_checkpoints=keep_checkpoints)
+    flags = {k: v for k, v in locals().items() if k != 'verbose'}   # every flag, by name (verbose: the console's, read at start)
+    try: train_main(**flags)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f'minlstm_train: error: {e}', file=sys.stderr); sys.exit(2)
     except FolderInUse as e:

@@ -71,6 +71,7 @@ def _peak_mb(step, x):
     [v.numpy() for v in step(x)]
     return (_cpu_memory()[1] - before[0])/2**20
 
+# %% ../nbs/06_benchmark.ipynb #3be06ea1s1
 def _summary(times, peak):
     return dict(median_ms=float(np.median(times)), min_ms=float(np.min(times)), max_ms=float(np.max(times)), peak_mb=peak)
 
@@ -125,6 +126,7 @@ def run_benchmark(lengths=(64, 256, 512, 1024, 4096), # sequence lengths T
     try: return _run(lengths, batch, units, runs, generation, contenders, log, status or (lambda text: None))
     finally: tf.get_logger().setLevel(level)
 
+# %% ../nbs/06_benchmark.ipynb #fc7c0d96s1
 def _empty_step_ms(runs=50):
     "Median milliseconds of calling an empty compiled step and copying out its result: the timer's floor here."
     step = tf.function(lambda: [tf.constant(0.)]); _timed(step)
@@ -134,6 +136,7 @@ def _kernel_flags():
     st = kernel_status(build=False)
     return ' '.join(st['flags']) if st['status'] == 'built' else None
 
+# %% ../nbs/06_benchmark.ipynb #fc7c0d96s2
 def _run(lengths, batch, units, runs, generation, contenders, log, status):
     res = dict(settings=dict(lengths=list(lengths), batch=batch, units=units, runs=runs),
                machine=dict(cpu=cpu_model(), cpus=os.cpu_count(), platform=platform.platform(), tensorflow=tf.__version__,
@@ -252,6 +255,7 @@ def _write_json(path, res):
     with atomic_write(path, suffix='.json') as tmp: tmp.write_text(text)
     return path
 
+# %% ../nbs/06_benchmark.ipynb #ee702337s1
 @call_parse
 def minlstm_bench(lengths:str='64,256,512,1024,4096', # comma-separated sequence lengths
                   batch:int=16,                        # sequences per batch

@@ -160,6 +160,7 @@ class CausalSelfAttention(keras.layers.Layer):
         return self._attend(q, k, v, None, False)[:, 0], [k, v]
     def get_config(self): return {**super().get_config(), 'width': self.width, 'heads': self.heads, 'dropout': self.dropout}
 
+# %% ../nbs/03b_blocks.ipynb #d4f05be4s1
 @keras.saving.register_keras_serializable(package='minlstm_nb')
 class TransformerBlock(keras.layers.Layer):
     "GPT's pre-norm block: `x + Attn(LN(x))`, then `x + MLP(LN(x))` (GELU, `ff_mult` wide), dropout on each branch."

@@ -27,10 +27,12 @@ def scan_dtype(dtype)->str:
 
 _SERIALIZE = {'initializer': keras.initializers, 'regularizer': keras.regularizers,
               'constraint': keras.constraints}
+
 def _serialized(name, value):  # a constructor argument as get_config returns it (strings and None as Keras writes them)
     kind = name.rsplit('_', 1)[-1]
     return value if kind not in _SERIALIZE else _SERIALIZE[kind].serialize(_SERIALIZE[kind].get(value))
 
+# %% ../nbs/03d_layers.ipynb #0b3d2193s1
 class _MinCell(keras.layers.Layer):
     "Shared machinery of the minimal RNN cells: Dense projections named after the paper, one step of the recurrence."
     projections, forget = (), None
@@ -84,6 +86,7 @@ class _MinCell(keras.layers.Layer):
                   **{a: _serialized(a, getattr(self, a)) for a in self.dense_args}}
         return {**config, 'unit_forget_bias': self.unit_forget_bias} if self.forget else config
 
+# %% ../nbs/03d_layers.ipynb #0b3d2193s2
 @keras.saving.register_keras_serializable(package='minlstm_nb')
 class MinGRUCell(_MinCell):
     "One step of minGRU: `h = (1 - z) * h_prev + z * g(linear_h(x))`, `z = sigmoid(linear_z(x))`."
@@ -113,6 +116,7 @@ def _coefficient_grads(ks, d, lstm, da, db):
     dkh = db*i_*ops.where(kh >= 0, ops.ones_like(kh), s*(1 - s))
     return ([-dd*ops.sigmoid(-ks[0]), dd*ops.sigmoid(-ks[1])] if lstm else [dd]) + [dkh]
 
+# %% ../nbs/03d_layers.ipynb #44c54c2cs1
 def gate_scan(ks,          # pre-activations: [k_f, k_i, k_h] (minLSTM) or [k_z, k_h] (minGRU), each (batch, time, units)
               h0,          # initial state, (batch, units)
               mask=None,   # (batch, time) of 1/0 (float): a masked step keeps the state
@@ -177,6 +181,7 @@ def _differ(h, c)->bool:
     except Exception: return False     # symbolic or traced (a functional model, tf.function, jit): values unknown
     return h.shape != c.shape or not np.allclose(h, c, rtol=1e-6, atol=1e-6)
 
+# %% ../nbs/03d_layers.ipynb #8dd90bafs1
 class _MinRNN(keras.layers.Layer):
     "Shared machinery of the minimal RNN layers: projections, then one scan over the whole sequence."
     cell_class, not_applicable, state_names = None, (), ('h',)
@@ -348,6 +353,7 @@ class _MinRNN(keras.layers.Layer):
                 'zero_output_for_mask': self.zero_output_for_mask, 'dropout': self.dropout, 'seed': self.seed,
                 **{a: cell[a] for a in self.cell_class.arguments()}}
 
+# %% ../nbs/03d_layers.ipynb #8dd90bafs2
 for _a in MinLSTMCell.arguments():               # the cell's arguments read as the layer's, as in Keras' LSTM
     setattr(_MinRNN, _a, property(lambda self, a=_a: getattr(self.cell, a)))
 
@@ -361,6 +367,7 @@ class MinGRU(_MinRNN):
     linear_z = property(lambda self: self.cell.linear_z)
     linear_h = property(lambda self: self.cell.linear_h)
 
+# %% ../nbs/03d_layers.ipynb #8dd90bafs3
 @keras.saving.register_keras_serializable(package='minlstm_nb')
 class MinLSTM(_MinRNN):
     """minLSTM over a whole sequence (parallel scan by default); sub-layers `linear_f`, `linear_i`, `linear_h`.

@@ -48,6 +48,7 @@ def list_checkpoints(d)->list:
     "(epoch, path) of the files named like checkpoints in `d`, newest first."
     return sorted(((int(m.group(1)), p) for p in Path(d).glob('epoch-*.keras') if (m := CHECKPOINT_NAME.match(p.name))), reverse=True)
 
+# %% ../nbs/04a_checkpoints.ipynb #cp000007s1
 class AtomicCheckpoint(keras.callbacks.Callback):
     """Save the whole model (weights and optimizer state) as `directory/epoch-NNNN.keras` every `every` epochs,
     atomically; with `keep`, delete all but the newest `keep` complete checkpoints after each write."""
@@ -100,6 +101,7 @@ def _last_line_bytes(p)->int:
         f.seek(max(0, os.path.getsize(p) - 4096)); tail = f.read()
     return len(tail) - (tail.rstrip(b'\r\n').rfind(b'\n') + 1)
 
+# %% ../nbs/04a_checkpoints.ipynb #385ad7f9s1
 class HistoryLog(keras.callbacks.CSVLogger):
     "Keras' `CSVLogger`, appending a row per epoch; a full disk raises `DiskFullError` (the rows before stay whole)."
     def on_epoch_end(self, epoch, logs=None):
@@ -159,6 +161,7 @@ def load_backup(model, path):
         raise ValueError(f'{str(path)!r} is not a backup of this model ({first_line(e)}): run with the arguments that '
                          'made it, or use another backup_dir') from None
 
+# %% ../nbs/04a_checkpoints.ipynb #9f70d190s1
 class BackupAndRestore(keras.callbacks.BackupAndRestore):
     """Keras' `BackupAndRestore` (per epoch) with atomic backups: one file per backup, written under a temporary name,
     then renamed; the two newest are kept, so that a damaged one has one before it."""
@@ -222,6 +225,7 @@ def _history_files(d, tokenizer, earlier):
     log = d/'history.csv'
     return [lambda: log.exists() and write_history(log, *earlier), lambda: tokenizer.save(d/'tokenizer.json')]
 
+# %% ../nbs/04a_checkpoints.ipynb #cp000013s1
 def from_checkpoints(ckpt, # the run's checkpoint directory (made if missing)
                      resume:bool, epochs:int, tokenizer:Tokenizer,
                      every:int,             # epochs between checkpoints
@@ -251,6 +255,7 @@ def from_checkpoints(ckpt, # the run's checkpoint directory (made if missing)
     run.callbacks = [HistoryLog(str(ckpt/'history.csv'), append=True), AtomicCheckpoint(ckpt, every, keep)]   # a row, then its checkpoint
     return run
 
+# %% ../nbs/04a_checkpoints.ipynb #cp000013s2
 def from_backup(bdir,                 # the run's backup directory (made if missing)
                 epochs:int, tokenizer:Tokenizer,
                 delete:bool=True,     # delete the backup when training ends

@@ -28,6 +28,7 @@ def python_sources()->list:
     return text_files(Path(os.__file__).parent/'*.py')
 
 _START = re.compile(r'^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$', re.M | re.I)
+
 _END = re.compile(r'^(\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg).*$', re.M | re.I)
 
 def strip_gutenberg(text:str)->str:
@@ -36,6 +37,7 @@ def strip_gutenberg(text:str)->str:
     if m := _END.search(text): text = text[:m.start()]
     return text.strip('\n') + '\n'
 
+# %% ../nbs/09a_corpus.ipynb #f1233dbfs1
 class CharCorpus:
     "Character ids of a corpus split by file: every `val_every`-th file (sorted) is held out, the rest trains."
     def __init__(self,

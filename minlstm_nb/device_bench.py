@@ -63,6 +63,7 @@ CONTENDERS = {   # name -> layer factory taking the number of units; timed on Ke
     'floor_2': lambda u: Floor(u, 2),
 }
 
+# %% ../nbs/06a_device_benchmark.ipynb #0f4f12d7s1
 def torch_contenders()->dict|None:
     """PyTorch contenders, or None where torch cannot be imported: the paper's log-space minLSTM and minGRU as
     PyTorch ports write them, and `nn.LSTM` (cuDNN on a GPU)."""
@@ -89,6 +90,7 @@ def torch_contenders()->dict|None:
         def forward(self, x): return self.lstm(x)[0]
     return {'torch_minlstm': LogSpaceMinLSTM, 'torch_mingru': LogSpaceMinGRU, 'torch_lstm': LSTM}
 
+# %% ../nbs/06a_device_benchmark.ipynb #0f4f12d7s2
 def _torch_step(module_class, x):
     import torch
     dev = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -124,6 +126,7 @@ def _failure(e)->str:
     oom = any(s in str(e) for s in ('RESOURCE_EXHAUSTED', 'out of memory', 'OOM', 'Out of memory'))
     return 'out of memory' if oom else f'failed: {msg[:120]}'
 
+# %% ../nbs/06a_device_benchmark.ipynb #f01dea87s1
 def run_device_benchmark(lengths=(512, 4096, 65536), # sequence lengths T
                          widths=(64, 512),           # units D (also the input features)
                          batch:int=16,               # sequences per batch
@@ -136,6 +139,7 @@ def run_device_benchmark(lengths=(512, 4096, 65536), # sequence lengths T
     "Time forward + backward of every contender at every (D, T) on Keras' backend and device, side by side."
     with _quiet_tensorflow(): return _run(lengths, widths, batch, runs, contenders, torch, max_seconds, log)
 
+# %% ../nbs/06a_device_benchmark.ipynb #f01dea87s2
 def _run(lengths, widths, batch, runs, contenders, torch, max_seconds, log):
     tc = torch_contenders() if torch else None
     res = dict(device=device_name(), backend=keras.backend.backend(), keras=keras.__version__, batch=batch,
@@ -212,6 +216,7 @@ def _ints(name, text):
               file=sys.stderr); sys.exit(2)
     return v
 
+# %% ../nbs/06a_device_benchmark.ipynb #f14c7a53s1
 @call_parse
 def minlstm_bench_device(lengths:str='512,4096,65536', # comma-separated sequence lengths T
                          widths:str='64,512',         # comma-separated widths D (units and input features)

@@ -101,6 +101,7 @@ def _sections(doc):
         out += [f'**{m[1]}**', '', *map(item, items), '']
     return '\n'.join(out)
 
+# %% ../nbs/90_docs.ipynb #0b29f46cs1
 def _short(anno):  # `a.b.C | None` -> `C | None`; fastcore's store_true flag -> bool
     return ' | '.join('bool' if a.strip() == 'store_true' else a.strip().rsplit('.', 1)[-1] for a in anno.split('|'))
 
@@ -161,6 +162,7 @@ def _cards_in_order(cells):
         i += 1
     return out
 
+# %% ../nbs/90_docs.ipynb #e3e8946as1
 def offline_cells(nb, pages, modules=()):  # modules: where the cards' objects may live, the likeliest first
     "A processed notebook's cells as the offline page shows them: title first, no front matter, no Quarto directives."
     from nbformat.v4 import new_markdown_cell
@@ -342,7 +344,9 @@ _SHOWN = {'a Quarto directive': re.compile(r'^\s*#\|', re.M), 'front matter': re
 
 # %% ../nbs/90_docs.ipynb #720cd3cb
 _INPUT = re.compile(r'jp-InputArea-editor"[^>]*>\s*<div class="cm-editor[^"]*">\s*<div class="highlight[^"]*"><pre>(.*?)</pre>', re.S)
+
 _CARD = re.compile(r'</h3>\s*<div class="highlight"><pre>(.*?)</pre>', re.S)
+
 _BOX = 110                              # characters a code box shows at 1280 px
 
 def _plain(h): return html.unescape(re.sub(r'<[^>]+>', '', h))
@@ -363,11 +367,13 @@ def _code_problems(name, h):
     return problems
 
 _TEMP = re.compile(r'(?:[/\\][\w.-]+)*?[/\\]tmp[a-z0-9_]{8}(?![a-z0-9_])')   # a folder Python's tempfile made
+
 _GLUED = re.compile(r'(?<!<msub>)(?<!<msup>)<mi>(' + '|'.join(sorted(MATH_FUNCTIONS))   # not log in log_2, nor
                     + r')</mi>(?!<mo>\u2061|</)')                                        # a name alone: $\tanh$
 
 _LOST = re.compile(r'<math\b(?:(?!</math>).)*?<(em|strong)>', re.S)   # markdown's emphasis inside a formula
 
+# %% ../nbs/90_docs.ipynb #720cd3cbs1
 def _output_problems(name, h):
     "A temporary folder's path in the page; math typeset without TeX's spacing, or without a math font."
     problems = []
@@ -381,6 +387,7 @@ def _output_problems(name, h):
         problems.append(f'{name}: math without a math font (display sums and brackets drawn small)')
     return problems
 
+# %% ../nbs/90_docs.ipynb #720cd3cbs2
 def check_docs(out='_docs_lite'):
     "Problems a reader would meet in the built pages: raw directives, front matter or TeX shown, links that lead nowhere."
     out, problems, seen = Path(out), [], {}

@@ -10,6 +10,7 @@ import keras
 
 # %% ../nbs/03c_dropin.ipynb #di000006
 _NO_RECURRENT = 'minLSTM and minGRU have no recurrent weights (every gate reads the input alone)'
+
 # argument of keras.layers.LSTM/GRU: (values accepted so that their configs load, why nothing else is)
 NOT_APPLICABLE = {
     'activation': (('tanh',),
@@ -31,6 +32,7 @@ NOT_APPLICABLE = {
     'reset_after': ((True, False), 'it places the reset gate of Keras\' GRU, and minGRU has no reset gate'),
 }
 
+# %% ../nbs/03c_dropin.ipynb #di000006s1
 def _same(name, value, accepted):
     "Whether `value` means the accepted setting (activations and initializers compared as Keras resolves them)."
     if name.endswith('activation'): return keras.activations.get(value) is keras.activations.get(accepted)
@@ -50,7 +52,6 @@ def refuse_inapplicable(layer, kwargs, names):
             raise ValueError(f'{layer} does not take {name}={value!r}: {why} (accepted, so that Keras '
                              f'configs load: '
                              f'{" or ".join(map(repr, accepted))})')
-
 
 # %% ../nbs/03c_dropin.ipynb #di000010
 SUPPORTED = {  # argument of keras.layers.LSTM/GRU that has a meaning here: what it does

@@ -14,7 +14,9 @@ from pathlib import Path
 
 # %% ../nbs/92_durable.ipynb #fa000006
 FAULT_ENV = 'MINLSTM_NB_FAULT'
+
 FAULT_POINTS = ('checkpoint', 'history', 'backup', 'tokenizer', 'save', 'export')   # the writes a run makes
+
 _hits = {}                                                                         # times each point was passed
 
 def _plan():
@@ -35,6 +37,7 @@ def _cut(path, keep=None):
         keep = keep() if callable(keep) else keep
         os.truncate(path, path.stat().st_size // 2 if keep is None else keep)
 
+# %% ../nbs/92_durable.ipynb #fa000006s1
 def fault_point(point:str,           # which write this is: one of FAULT_POINTS
                 path=None,           # the file (or directory) being written, not yet complete
                 keep=None,           # bytes of it to leave when the fault strikes (default: half; or a function giving them)

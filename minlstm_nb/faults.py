@@ -16,6 +16,7 @@ from .machine import cpu_model
 
 # %% ../nbs/08a_faults.ipynb #fa000060
 RUN_ARGS = ['--epochs', '10', '--batch_size', '16', '--units', '16', '--seed', '3', '--quiet', '--progress', 'none']
+
 MODES = {'checkpoint': ['--checkpoint_every', '2', '--resume'], 'backup': ['--backup_dir', '{backup}']}
 
 def _exe(name):
@@ -27,6 +28,7 @@ def train_command(trial, mode:str, args=RUN_ARGS)->list:
     return [_exe('minlstm_train'), '--out', str(Path(trial)/'run'), *args,
             *(a.format(backup=Path(trial)/'backup') for a in MODES[mode])]
 
+# %% ../nbs/08a_faults.ipynb #fa000060s1
 def _run(cmd, fault=None, kill_after=None, started=None, timeout=900, clock=None):
     """Run `cmd` (with MINLSTM_NB_FAULT=`fault`) to its end; or SIGKILL it `kill_after` seconds after the file `started`
     is written (its training begins: the import of TensorFlow before is no moment worth testing). (exit code, out, err)."""
@@ -155,6 +157,7 @@ def old_model(self:FaultCampaign)->Path:
     if not p.exists(): train_main(out=p.parent, epochs=1, units=16, batch_size=16, seed=1, print=lambda *a: None)
     return p
 
+# %% ../nbs/08a_faults.ipynb #fa000068s1
 @patch
 def kill_inside_export(self:FaultCampaign):
     "SIGKILL `minlstm_export` inside its write, over an earlier export; the earlier one must survive, the rerun must serve the same."
@@ -195,6 +198,7 @@ def foreign(self:FaultCampaign, what)->Path:
         fit_language_model(sample_text(), epochs=1, units=8, batch_size=16, verbose=0, **where)
     return sorted(d.glob('epoch-*.keras' if what == 'checkpoint' else 'epoch-*.weights.h5'))[-1]
 
+# %% ../nbs/08a_faults.ipynb #fa000070s1
 @patch
 def damaged(self:FaultCampaign, mode, what, how):
     "Damage one file of a killed run (`what`: checkpoint, backup, history or tokenizer), then run the same command again."
@@ -279,6 +283,7 @@ def can_mount_tmpfs(work)->bool:
     except (OSError, subprocess.CalledProcessError): return False
     finally: shutil.rmtree(d, ignore_errors=True)
 
+# %% ../nbs/08a_faults.ipynb #fa000074s1
 def _serves_same(served, model)->bool:
     "Does the SavedModel `served` give the probabilities `model` (a model.minlstm) gives, exported afresh?"
     import tensorflow as tf
@@ -292,11 +297,13 @@ def _serves_same(served, model)->bool:
 # %% ../nbs/08a_faults.ipynb #fa000075
 POINT_NAMES = {'checkpoint': 'a checkpoint write', 'history': 'the history append', 'backup': 'a backup write',
                'tokenizer': 'the tokenizer write', 'save': 'the final save', 'export': 'an export'}
+
 FAULT_REACH = {'checkpoint': dict(tokenizer=1, checkpoint=2, history=2, save=1),    # mode -> point -> kill at the 1st to N-th pass
                'backup': dict(tokenizer=1, backup=3, history=3, save=1)}           # (N: what a run resumed midway still reaches)
 
 def _fault_name(f)->str: return 'SIGKILL at a random moment' if f == 'random' else f'SIGKILL inside {POINT_NAMES[f]}'
 
+# %% ../nbs/08a_faults.ipynb #fa000075s1
 def fault_campaign(work=None,            # a scratch directory (default: a new temporary one, deleted after)
                    kills:int=100,        # SIGKILLs at least, across both modes
                    seed:int=0,           # picks the moments, the points, the damage and the free space
@@ -332,6 +339,7 @@ def fault_campaign(work=None,            # a scratch directory (default: a new t
         if not keep: shutil.rmtree(work, ignore_errors=True)
     return c
 
+# %% ../nbs/08a_faults.ipynb #fa000075s2
 def _plan_damage(full, rng)->list:
     "(mode, file, damages): every damage of every file in both modes, or one damage per file, the modes taking turns."
     files = {'checkpoint': ('checkpoint', 'history', 'tokenizer'), 'backup': ('backup', 'history', 'tokenizer')}

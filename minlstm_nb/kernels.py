@@ -47,7 +47,9 @@ def build_ladder(machine:str|None=None, # platform.machine(); default: this one
 
 # %% ../nbs/03a_kernels.ipynb #b3a83cda
 def _cache_dir(): return Path(os.environ.get('MINLSTM_NB_CACHE', Path.home()/'.cache'/'minlstm_nb'))
+
 def _compiler(): return os.environ.get('CXX', 'g++')
+
 def _short(*parts): return hashlib.sha1('\n'.join(map(str, parts)).encode()).hexdigest()[:16]
 
 def compiler_version(cxx:str|None=None)->str:
@@ -73,6 +75,7 @@ def _read_record(ident):
     if rec['status'] == 'built' and not (ident['cache']/str(rec.get('library'))).is_file(): return None
     return rec
 
+# %% ../nbs/03a_kernels.ipynb #b3a83cdas1
 @contextlib.contextmanager
 def _build_lock(path):
     "One build of a kernel at a time across processes (a second builder waits, then finds the first one's library)."
@@ -83,13 +86,13 @@ def _build_lock(path):
         try: yield
         finally: fcntl.flock(f, fcntl.LOCK_UN)
 
-
 # %% ../nbs/03a_kernels.ipynb #ec0718e7
 def _first_error(out):
     "The compiler's first error line (else its last line): what a person needs to see of a failed build."
     lines = [l.strip() for l in out.splitlines() if l.strip()]
     return next((l for l in lines if 'error' in l.lower()), lines[-1] if lines else '(no output)')[:300]
 
+# %% ../nbs/03a_kernels.ipynb #ec0718e7s1
 def _compile(ident, source):
     "Try the ladder's rungs in turn; keep the first library that builds; record and log what happened either way."
     name, key, cache, cxx = ident['name'], ident['key'], ident['cache'], ident['cxx']
@@ -129,6 +132,7 @@ def _compile(ident, source):
                 f'later runs skip the compiler. Retry: minlstm_bench --rebuild', file=sys.stderr)
     return rec
 
+# %% ../nbs/03a_kernels.ipynb #ec0718e7s2
 def load_kernel(name:str,    # a name for the cached library
                 source:str,  # C++ source of TensorFlow custom ops
                ):            # the loaded op module, or None if it cannot be built here

@@ -25,6 +25,7 @@ from .blocks import ResidualBlock, TransformerBlock, empty_cache, initial_states
 
 # %% ../nbs/09_language_model.ipynb #99677d55
 KINDS = ('minlstm', 'mingru', 'lstm', 'gru', 'transformer')
+
 NAMES = {'minlstm': 'minLSTM', 'mingru': 'minGRU', 'lstm': 'Keras LSTM', 'gru': 'Keras GRU',
          'transformer': 'Transformer'}
 
@@ -41,6 +42,7 @@ class PositionEmbedding(keras.layers.Layer):
 
 def _expansion(kind, expansion_factor): return expansion_factor if kind in ('minlstm', 'mingru') else 1
 
+# %% ../nbs/09_language_model.ipynb #99677d55s1
 def build_lm(kind:str,         # "minlstm", "mingru", "lstm", "gru" or "transformer"
              vocab_size:int,   # ids the model reads and predicts
              context:int,      # longest window (the Transformer's positional table has this many rows)
@@ -121,6 +123,7 @@ def _validation(model, corpus, context, eval_tokens, batch_size):
     val_loss()
     return val_loss
 
+# %% ../nbs/09_language_model.ipynb #lm0help1s1
 def _train_steps(model, corpus, context, batch_size, steps, seed, eval_every, val_loss, say=None)->dict:
     "The training loop: batch `step` of `(seed, step)`, each step timed (the first, which traces, apart), a validation every `eval_every`."
     curve, losses, step_times, seconds = [(0, 0.0, val_loss())], [], [], 0.0
@@ -156,6 +159,7 @@ def _optimizer(model, learning_rate, steps, warmup, weight_decay, clip):
     opt.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables if len(v.shape) < 2])
     return opt
 
+# %% ../nbs/09_language_model.ipynb #da9b0c1ds1
 def train_lm(kind:str,                 # "minlstm", "mingru", "lstm", "gru" or "transformer"
              corpus:CharCorpus,         # the characters to learn
              context:int=256,           # characters each window reads
@@ -200,7 +204,6 @@ def train_lm(kind:str,                 # "minlstm", "mingru", "lstm", "gru" or "
                 tokens_per_second=tokens_per_step / step_seconds, final_loss=run['curve'][-1][2],
                 best_loss=best[2], best_step=best[0], best_seconds=best[1], model=model)
 
-
 # %% ../nbs/09_language_model.ipynb #67240636
 def _blocks(model, cls=ResidualBlock): return [l for l in model.layers if isinstance(l, cls)]
 
@@ -228,6 +231,7 @@ def _longer_context(model, result, context):
         elif a.weights: a.set_weights(b.get_weights())
     return big
 
+# %% ../nbs/09_language_model.ipynb #67240636s1
 def generation_ms(result, positions=(16, 64, 256, 1024, 4096), chars:int=8)->dict:
     "Milliseconds to produce one character at each position of `positions` (that many characters before it), with the state or key/value cache a writer carries."
     model, kind = result['model'], result['kind']
@@ -252,6 +256,7 @@ def generation_ms(result, positions=(16, 64, 256, 1024, 4096), chars:int=8)->dic
         out[p] = 1000*float(np.median(ts))
     return out
 
+# %% ../nbs/09_language_model.ipynb #67240636s2
 def generate_text(result, corpus, prompt:str, n:int=200, temperature:float=0.8, seed:int=0)->str:
     "`n` characters sampled after `prompt` from a trained model (`train_lm`'s result), with its state or key/value cache."
     model, tok, rng = result['model'], corpus.tokenizer, np.random.default_rng(seed)

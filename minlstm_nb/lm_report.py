@@ -45,6 +45,7 @@ def lm_table(results:list, plain:bool=False)->str:
                                  for i, (c, n) in enumerate(zip(row, w))).rstrip()
     return '\n'.join([line(short), '  '.join('-' * n for n in w)] + [line(b) for b in body])
 
+# %% ../nbs/09b_lm_report.ipynb #lr000006s1
 def generation_table(results:list)->str:
     "Milliseconds per generated character at every timed position, one row per model (markdown)."
     gp = sorted({p for r in results for p in (r.get('generation_ms') or {})})
@@ -74,6 +75,7 @@ def plot_lm(results:list, unigram:float|None=None):
     fig.tight_layout()
     return fig
 
+# %% ../nbs/09b_lm_report.ipynb #lr000006s2
 def plot_generation(results:list):
     "Milliseconds per generated character against its position, for each model at the longest context."
     import matplotlib.pyplot as plt
@@ -100,6 +102,7 @@ def save_lm_json(results:list, corpus:CharCorpus, path, **extra)->Path:
     with atomic_write(path) as tmp: Path(tmp).write_text(_json.dumps(lm_json(results, corpus, **extra), indent=1))
     return Path(path)
 
+# %% ../nbs/09b_lm_report.ipynb #lr000006s3
 def load_lm_json(path)->dict:
     "A saved run (`save_lm_json`), its generation positions as integers again."
     d = _json.loads(Path(path).read_text())
@@ -124,12 +127,14 @@ PAPER_LM = {   # Feng et al. 2024, arXiv:2410.01201 v3, section 4.3 and appendix
     'best step': 'minGRU 575, minLSTM 625, Transformer about 2,000',
     'Transformer steps to its best': 'about 2.5x more than minGRU',
     'claim': "minGRU and minLSTM reach a test loss comparable to the Transformer's, in fewer steps"}
+
 NANOGPT_LM = ("nanoGPT's baby GPT on the same split (6 layers, width 384, 5,000 iterations at batch 64): best "
               "validation loss 1.4697 on one A100; its CPU-sized configuration 1.88")
 
 def _corpus_info(corpus):
     return corpus if isinstance(corpus, dict) else lm_json([], corpus)['corpus']
 
+# %% ../nbs/09b_lm_report.ipynb #d2bfb1a3s1
 def paper_table(results:list, corpus, cpu:str|None=None, backend:str|None=None, devices:list|None=None)->str:
     "The paper's language-modelling setting and results beside this run's (`corpus`: a CharCorpus or a saved run's `corpus` entry; `cpu`, `backend`, `devices`: a saved run's, else this machine's)."
     c = _corpus_info(corpus)
@@ -194,6 +199,7 @@ def estimate_seconds(corpus, kinds, context, steps, eval_every, eval_tokens, tri
 
 def _hours(s): return f'{s/3600:.1f} h' if s >= 3600 else f'{s/60:.0f} min'
 
+# %% ../nbs/09b_lm_report.ipynb #337f4afcs1
 def _check_lm_args(contexts, models, tokens_per_step, width, heads, transformer_steps)->tuple:
     "(context lengths, models, steps_for) from `minlstm_lm`'s arguments; a `ValueError` naming the first that is wrong."
     try:
@@ -221,6 +227,7 @@ def _print_estimate(corpus, kinds, context, n_contexts, steps_for, train_args, s
           + ', '.join(f"{NAMES[k]} {_hours(e['seconds'])} ({e['step_seconds']:.2f} s/step, {e['params']:,} parameters)"
                       for k, e in est.items()))
 
+# %% ../nbs/09b_lm_report.ipynb #337f4afcs2
 @call_parse
 def minlstm_lm(contexts:str='256',          # comma-separated context lengths, in characters
                models:str=','.join(KINDS),  # comma-separated models: minlstm, mingru, lstm, gru, transformer

@@ -41,6 +41,7 @@ def visible_devices()->list:
         return ['CPU'] + (['GPU'] if torch.cuda.is_available() else [])
     return ['CPU']
 
+# %% ../nbs/94_machine.ipynb #ma000011s1
 def device_name()->str:
     "The device Keras computes on, as its backend names it: e.g. 'NVIDIA H200 (gpu, jax 0.10.2, 1 device)'."
     import keras
@@ -64,4 +65,3 @@ def device_name()->str:
             return f'{name} (gpu, tensorflow {tf.__version__})'
         return f'{cpu_model()} (cpu, tensorflow {tf.__version__})'
     return f'{cpu_model()} ({be})'
-

@@ -10,10 +10,14 @@ import re
 
 # %% ../nbs/90a_mathml.ipynb #a7d1c002
 _MML = 'http://www.w3.org/1998/Math/MathML'
+
 MATH_FUNCTIONS = {'log', 'ln', 'lg', 'exp', 'sin', 'cos', 'tan', 'sinh', 'cosh', 'tanh', 'arg', 'det', 'dim', 'max', 'min',
               'sup', 'inf', 'lim', 'gcd', 'deg', 'ker', 'Pr'}
+
 _SCRIPTS = {'msub', 'msup', 'msubsup', 'munder', 'mover', 'munderover'}
+
 _ORDINARY = {'/', '|', '\u2225', '\u2202'}   # TeX spaces these (/, |, ‖, ∂) as letters, MathML as operators
+
 _FIXED = _SCRIPTS | {'mfrac', 'mroot'}   # elements whose children are their arguments: none added there
 
 def _name(e): return e.tag.rpartition('}')[2]
@@ -23,6 +27,7 @@ def _kernel(e):
     while _name(e) in _SCRIPTS and len(e): e = e[0]
     return e
 
+# %% ../nbs/90a_mathml.ipynb #a7d1c002s1
 def typeset(mathml:str)->str:
     "latex2mathml's MathML spaced as TeX spaces it: function names, thousands, unary signs, scripts, ordinary symbols."
     import xml.etree.ElementTree as ET

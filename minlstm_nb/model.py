@@ -160,6 +160,7 @@ def sample_next(logits,            # one sequence's next-token logits, (vocab_si
 
 CONTEXTS = ('window', 'carry')   # how generate reads: as a model trained on windows, or on long or stateful text
 
+# %% ../nbs/05a_model.ipynb #006057b0s1
 @patch
 def generate(self:LanguageModel,
              prompt:str,               # text to continue (its last seq_length tokens are read)
@@ -204,6 +205,7 @@ def _token_ops(tok:Tokenizer):
         return tf.strings.split(text)
     return tokens
 
+# %% ../nbs/05a_model.ipynb #dec4351as1
 class _Served(tf.Module):
     "What `LanguageModel.export` saves: the model with string-to-id and id-to-string tables around it."
     def __init__(self, lm, k):
@@ -227,6 +229,7 @@ class _Served(tf.Module):
         p, top = tf.math.top_k(tf.nn.softmax(logits), k=self.k)
         return {'tokens': tf.gather(self.vocab, top), 'probabilities': p, 'ids': top}
 
+# %% ../nbs/05a_model.ipynb #dec4351as2
 @patch
 def export(self:LanguageModel,
            path:str|os.PathLike, # a directory to create (or replace) with the SavedModel
@@ -259,6 +262,7 @@ def export(self:LanguageModel,
     finally: shutil.rmtree(tmp, ignore_errors=True)
     return path
 
+# %% ../nbs/05a_model.ipynb #dec4351as3
 def _recover_export(path):
     "Clean up after an export killed midway: put back the last export if it was moved aside, delete the temporaries."
     for old in path.parent.glob(f'.{path.name}.tmp*.old'):

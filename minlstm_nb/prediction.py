@@ -50,6 +50,7 @@ def minlstm_export(model:str,      # a saved model file, or minlstm_train's outp
         if not is_disk_full(e): raise
         print(f'minlstm_export: error: {e}; an export there before is left as it was: free some space and run it again', file=sys.stderr); sys.exit(2)
 
+# %% ../nbs/05_prediction.ipynb #795a5e6bs1
 @call_parse
 def minlstm_predict(model:str,                                # a saved model file, or minlstm_train's output directory
                     prompt:Param('the text to continue', str, opt=False, nargs='?')='recurrent neural networks',

@@ -27,6 +27,7 @@ def _compatible(s, t)->bool:
     return s is None or t is None or (len(s) == len(t)
                                       and all(u is None or v is None or u == v for u, v in zip(s, t)))
 
+# %% ../nbs/02_scan.ipynb #659c6c6as1
 def _check_inputs(log_a, log_b, log_h0, h0):
     log_a, log_b = ops.convert_to_tensor(log_a), ops.convert_to_tensor(log_b)
     if not _dtype(log_b).startswith(('float', 'bfloat')):
@@ -51,6 +52,7 @@ def _check_inputs(log_a, log_b, log_h0, h0):
                          f'{sb[::2]}')
     return log_a, log_b, h0
 
+# %% ../nbs/02_scan.ipynb #659c6c6as2
 def sequential_scan(log_a,      # log of the decay coefficients a_t, (batch, time, features)
                     log_b,      # log of the inputs b_t, same shape
                     log_h0=None,# log of the initial state h_0, (batch, features); default h_0 = 0
@@ -59,7 +61,6 @@ def sequential_scan(log_a,      # log of the decay coefficients a_t, (batch, tim
     "`h_t = a_t*h_{t-1} + b_t` one step at a time: the reference, a compiled loop over time."
     log_a, log_b, h0 = _check_inputs(log_a, log_b, log_h0, h0)
     return step_scan(ops.exp(log_a), ops.exp(log_b), h0)      # the loop below, which the layers use too
-
 
 # %% ../nbs/02_scan.ipynb #e0e7dafe
 def in_xla()->bool:
@@ -81,6 +82,7 @@ def tracing_for_export()->bool:
         f = f.f_back
     return False
 
+# %% ../nbs/02_scan.ipynb #e0e7dafes1
 def _states(step, h0, xs):
     "Every state of h_i = step(h_{i-1}, xs_i) along axis 0, stacked: `keras.ops.scan`."
     if tf is None: return ops.scan(lambda h, x: (step(h, x),)*2, h0, xs)[1]
@@ -105,6 +107,7 @@ def _compiled(fn):
     def run(*args): return graph(*args) if tf.executing_eagerly() else fn(*args)
     return run
 
+# %% ../nbs/02_scan.ipynb #e0e7dafes2
 @_compiled
 def step_scan(a, b,   # coefficients and inputs, (batch, time, features), linear space
               h0,     # initial state, (batch, features)

@@ -96,6 +96,7 @@ class _CopyLog(keras.callbacks.Callback):
         self.curve.append((self.step, float(logs['loss']), float(acc)))
         if self.out: self.out(f'{self.model.name}: step {self.step}/{self.steps}  loss {logs["loss"]:.4f}  held-out accuracy {acc:.4f}  ({self.seconds:.0f} s)')
 
+# %% ../nbs/07_selective_copy.ipynb #1fc39143s1
 def train_copy(cell:str='minlstm', *, sequence_length:int=64, num_tokens:int=8, vocab_size:int=VOCAB_SIZE,
                units:int=64, depth:int=3, steps:int=2000, batch_size:int=64, learning_rate:float=5e-3,
                seed:int=0,                # model weights and training stream

@@ -35,6 +35,7 @@ def split_words(text:str,                 # the text to split
 # %% ../nbs/00_tokenize.ipynb #8190ccc8
 _UNKNOWN_POLICIES = ('error', 'oov', 'drop')
 
+# %% ../nbs/00_tokenize.ipynb #8190ccc8s1
 class Tokenizer:
     "Text <-> integer ids, at word or character level; word ids equal the classic Keras `Tokenizer`'s."
     def __init__(self,
@@ -65,6 +66,7 @@ class Tokenizer:
     def __repr__(self):
         return f'Tokenizer(level={self.level!r}, tokens={len(self.word_index)}, oov_token={self.oov_token!r})'
 
+# %% ../nbs/00_tokenize.ipynb #8190ccc8s2
 def _check_str(text):
     if not isinstance(text, str):
         raise TypeError(f'text must be a str, not {type(text).__name__}' +

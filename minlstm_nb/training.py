@@ -93,6 +93,7 @@ def _check_fit_args(text, *, files, tokenizer, level, cell, seq_length, epochs, 
 def _multi_worker(strategy)->bool:
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and strategy.extended._in_multi_worker_mode()
 
+# %% ../nbs/04_training.ipynb #63bc1381s1
 def _fit_multi_worker(model, dataset, epochs, initial_epoch, steps, callbacks, strategy):
     """`model.fit` for MultiWorkerMirroredStrategy across processes, which Keras 3 (3.15) cannot do: `fit` reduces the
     first distributed batch and the per-step logs with `strategy.reduce` calls that fail across workers
@@ -131,7 +132,6 @@ def _fit_multi_worker(model, dataset, epochs, initial_epoch, steps, callbacks, s
     cbs.on_train_end()
     return history
 
-
 # %% ../nbs/04_training.ipynb #tr000001
 def _training_data(text, files, tokenizer, level, seq_length, batch_size, validation_split, max_tokens, errors, shuffle_buffer,
                    epochs, seed):
@@ -158,6 +158,7 @@ def _backup_dir(backup_dir, strategy)->Path:
     bdir = Path(backup_dir)
     return bdir/f'worker-{strategy.cluster_resolver.task_id}' if _multi_worker(strategy) else bdir
 
+# %% ../nbs/04_training.ipynb #tr000001s1
 def _new_model(fresh, learning_rate, strategy, backup=None):
     "A new compiled model under `strategy`, with `backup`'s weights and optimizer state (a bad backup stops us here, before training)."
     with strategy.scope():
@@ -244,6 +245,7 @@ def _duration(s:float)->str:
 
 PROGRESS = ('auto', 'bar', 'line', 'none')
 
+# %% ../nbs/04_training.ipynb #86a61173s1
 class _Progress(keras.callbacks.Callback):
     """Progress of a run: epoch lines with the time elapsed and an estimate of the time left (from the epochs after the
     first, which traces the step), and Keras' progress bar
@@ -283,7 +285,6 @@ class _Progress(keras.callbacks.Callback):
         self.out(f'epoch {epoch + 1}/{self.epochs}: loss {logs.get("loss", float("nan")):.4f}{extra} ({_duration(now - self.t0)}{left})')
         self.last_line = now
 
-
 # %% ../nbs/04_training.ipynb #tr0cmd01
 def _command()->str:
     "The command line this process runs, as a shell takes it (the script by its name)."
@@ -307,6 +308,7 @@ def _fit_settings(**given)->dict:
     if unknown := sorted(set(given) - set(defaults)): raise TypeError(f'unknown setting(s): {", ".join(unknown)}')
     return {**defaults, **given}
 
+# %% ../nbs/04_training.ipynb #tr0cmd02s1
 def train_main(file=None, out='minlstm_model', *, checkpoint_every=None, resume=False, keep_checkpoints=None,
                backup_dir=None, quiet=False, progress='auto', print=print, **settings):
     "What `minlstm_train` does, callable from Python: `settings` are `fit_language_model`'s. Returns the `LanguageModel`."
@@ -343,7 +345,6 @@ def train_main(file=None, out='minlstm_model', *, checkpoint_every=None, resume=
         print(f'final loss {h["loss"][-1]:.4f}, accuracy {h["accuracy"][-1]:.4f} after {s["epochs"]} epochs'
               f'{f" (resumed from the {kind} of epoch {start})" if start else ""}; saved {path}')
     return lm
-
 
 # %% ../nbs/04_training.ipynb #tr0cmd03
 @call_parse

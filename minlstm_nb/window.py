@@ -127,6 +127,7 @@ def _tf_tokens(lines, tokenizer):
     if tokenizer.filters: lines = tf.strings.regex_replace(lines, '[' + ''.join(f'\\x{{{ord(c):x}}}' for c in tokenizer.filters) + ']', ' ')
     return tf.strings.split(lines).flat_values
 
+# %% ../nbs/08_scale.ipynb #b992602cs1
 def _file_windows(path, tokenizer, lookup, seq_length, errors, unknown, chunk_lines):
     import tensorflow as tf
     def ids_of(i, lines):
@@ -156,6 +157,7 @@ def _file_windows(path, tokenizer, lookup, seq_length, errors, unknown, chunk_li
     return (tf.data.TextLineDataset(path).batch(chunk_lines).enumerate().map(ids_of)
               .scan(tf.fill([seq_length], -1), seam).map(frames))
 
+# %% ../nbs/08_scale.ipynb #b992602cs2
 def stream_windows(files,                 # anything tokenize.text_files takes
                    tokenizer,             # a fitted Tokenizer (e.g. fitted on read_lines(files))
                    seq_length:int=3,      # tokens of context before each target

@@ -8,10 +8,9 @@ __all__ = ['CELLS', 'rnn_layer', 'CausalConv', 'ResidualBlock', 'initial_states'
 
 # %% ../nbs/03b_blocks.ipynb #b3fabbdf
 import math
-import numpy as np
 import keras
 from keras import ops
-from .checks import check_int, check_rate, check_choice
+from .checks import check_int, check_rate
 from .cell import MinGRU, MinLSTM
 
 # %% ../nbs/03b_blocks.ipynb #70cb33b8

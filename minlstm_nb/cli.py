@@ -6,7 +6,7 @@
 __all__ = ['COMMANDS', 'verbose_requested', 'launch', 'readme_blocks', 'example_commands']
 
 # %% ../nbs/91_cli.ipynb #279c0d5f
-import os, re, sys, json, threading, time, importlib, warnings
+import os, re, sys, json, importlib, warnings
 from pathlib import Path
 from fastcore.script import anno_parser
 from .console import FilteredStderr, StatusLine, is_framework_log, FRAMEWORK_LOG   # (these lived here once)

@@ -7,7 +7,7 @@ __all__ = ['CONTENDERS', 'RATIOS', 'Floor', 'torch_contenders', 'run_device_benc
            'minlstm_bench_device']
 
 # %% ../nbs/06a_device_benchmark.ipynb #6569f1b4
-import contextlib, os, platform, sys, time
+import contextlib, sys, time
 from json import dumps
 import numpy as np
 import keras

@@ -12,7 +12,7 @@ from pathlib import Path
 from html.parser import HTMLParser
 from fastcore.script import call_parse, store_true
 from .console import import_quietly
-from .mathml import tex_to_mathml, typeset, MATH_FUNCTIONS
+from .mathml import tex_to_mathml, MATH_FUNCTIONS
 
 
 # %% ../nbs/90_docs.ipynb #30491a3a
@@ -283,7 +283,7 @@ def _lower_anchors(page):
 # %% ../nbs/90_docs.ipynb #18b56e0b
 def build_docs(out='_docs_lite'): # directory for the pages (replaced only when every page is built)
     "Build the course as plain HTML pages in `out`: nbdev's processed notebooks, math as MathML, nothing from the network."
-    import nbformat, importlib
+    import nbformat
     from nbconvert import HTMLExporter
     from nbconvert.preprocessors import TagRemovePreprocessor
     from jinja2 import DictLoader

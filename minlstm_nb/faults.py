@@ -7,12 +7,13 @@ __all__ = ['RUN_ARGS', 'MODES', 'DAMAGES', 'POINT_NAMES', 'FAULT_REACH', 'train_
            'can_mount_tmpfs', 'fault_campaign', 'fault_table', 'minlstm_faults']
 
 # %% ../nbs/08a_faults.ipynb #fa000004
-import os, re, sys, json, time, errno, random, shutil, signal, subprocess, tempfile
+import os, re, sys, time, random, shutil, signal, subprocess, tempfile
 from pathlib import Path
 from fastcore.basics import patch
 from fastcore.script import call_parse, store_true
-from .durable import human_size, fault_point, FAULT_ENV, FAULT_POINTS, DiskFullError, disk_full, is_disk_full, temp_prefix, remove_stale_temps, TEMP_NAME, pid_alive, atomic_write, LOCK_NAME
+from .durable import FAULT_ENV, LOCK_NAME
 from .machine import cpu_model
+
 
 # %% ../nbs/08a_faults.ipynb #fa000060
 RUN_ARGS = ['--epochs', '10', '--batch_size', '16', '--units', '16', '--seed', '3', '--quiet', '--progress', 'none']
@@ -366,7 +367,6 @@ def minlstm_faults(kills:int=100,           # SIGKILLs at least, across both mod
                    verbose:store_true=False, # show TensorFlow's own log lines on stderr (also: MINLSTM_NB_VERBOSE=1)
                   ):
     "Kill, damage and fill the disk under minlstm_train runs, restart each, and print the table of faults survived."
-    from minlstm_nb.kernels import cpu_model
     t0 = time.perf_counter()
     c = fault_campaign(work, kills, seed, not quick, out=lambda s: print(s, flush=True))
     print(f'\n{cpu_model()}; seed {seed}; full disk: {c.disk}; {(time.perf_counter() - t0) / 60:.1f} min\n{fault_table(c)}')

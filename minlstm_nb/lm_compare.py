@@ -7,21 +7,15 @@ __all__ = ['KINDS', 'NAMES', 'GEN_POSITIONS', 'PositionEmbedding', 'build_lm', '
            'transformer_stepper', 'generation_ms', 'generate_text', 'time_to_reach', 'check_steps_for', 'compare_lm']
 
 # %% ../nbs/09_language_model.ipynb #c43bfa28
-import os, sys, math, time, platform, warnings, re, json as _json
-from pathlib import Path
+import time, warnings
 import numpy as np
 import tensorflow as tf
 import keras
 from keras import ops
-from fastcore.script import call_parse, store_true
-from .durable import atomic_write
-from .machine import cpu_model, visible_devices
-from .console import StatusLine
-from .tokenize import Tokenizer, read_lines, text_files
-from .corpus import CharCorpus, shakespeare_texts, python_sources, strip_gutenberg, training_batch, validation_windows
+from .corpus import CharCorpus, training_batch, validation_windows
 from .model import step_function, model_initial_states, sample_next
-from .checks import check_int, check_rate, check_choice
-from .blocks import ResidualBlock, TransformerBlock, empty_cache, initial_states
+from .checks import check_int, check_rate
+from .blocks import ResidualBlock, TransformerBlock, empty_cache
 
 # %% ../nbs/09_language_model.ipynb #99677d55
 KINDS = ('minlstm', 'mingru', 'lstm', 'gru', 'transformer')

@@ -9,14 +9,13 @@ __all__ = ['PAPER_LM', 'NANOGPT_LM', 'PAPER_PRESET', 'lm_table', 'generation_tab
 # %% ../nbs/09b_lm_report.ipynb #lr000004
 import os, sys, math, time, json as _json
 from pathlib import Path
-import numpy as np
 import keras
 from fastcore.script import call_parse, store_true
 from .durable import atomic_write
 from .machine import cpu_model, visible_devices
 from .console import StatusLine
-from .corpus import CharCorpus, python_sources, validation_windows
-from .lm_compare import KINDS, NAMES, GEN_POSITIONS, train_lm, compare_lm, lm_params, matched_width, check_steps_for
+from .corpus import CharCorpus, validation_windows
+from .lm_compare import KINDS, NAMES, train_lm, compare_lm, check_steps_for
 
 # %% ../nbs/09b_lm_report.ipynb #lr000006
 def _secs(s): return f'{s:.1f} s' if s < 10 else f'{s:,.0f} s'

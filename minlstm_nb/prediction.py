@@ -6,18 +6,10 @@
 __all__ = ['predict_main', 'minlstm_export', 'minlstm_predict', 'step_function', 'model_initial_states']
 
 # %% ../nbs/05_prediction.ipynb #ffa12fe9
-import os, shutil, sys, tempfile
-from pathlib import Path
-import numpy as np
-import tensorflow as tf
-import keras
-from fastcore.basics import patch
+import sys
 from fastcore.script import call_parse, Param, store_true
-from .cell import MinGRU, MinLSTM
 from .model import LanguageModel, step_function, model_initial_states
-from .blocks import ResidualBlock, initial_states, rnn_step
-from .tokenize import Tokenizer
-from .durable import fault_point, is_disk_full, disk_full, temp_prefix, remove_stale_temps, TEMP_NAME, pid_alive
+from .durable import is_disk_full
 
 # %% ../nbs/05_prediction.ipynb #pr000001
 _all_ = ['step_function', 'model_initial_states']   # defined in model

@@ -7,11 +7,11 @@ __all__ = ['NOISE', 'MARKER', 'VOCAB_SIZE', 'PAPER_SELECTIVE_COPY', 'NAMES', 'se
            'build_copy_model', 'train_copy', 'copy_results', 'copy_table']
 
 # %% ../nbs/07_selective_copy.ipynb #29a99650
-import sys, time
+import time
 import numpy as np
 import tensorflow as tf
 import keras
-from .checks import check_int, check_rate, check_choice
+from .checks import check_int, check_choice
 from .blocks import CELLS, ResidualBlock
 
 # %% ../nbs/07_selective_copy.ipynb #d5d14354

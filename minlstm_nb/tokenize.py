@@ -6,8 +6,7 @@
 __all__ = ['KERAS_FILTERS', 'sample_text', 'split_words', 'Tokenizer', 'read_text', 'DECODE_ERRORS', 'text_files', 'read_lines']
 
 # %% ../nbs/00_tokenize.ipynb #8d6e7a0f
-import json, os, tempfile
-from contextlib import contextmanager
+import json, os
 from collections import Counter
 from collections.abc import Iterable
 from importlib import resources

@@ -7,22 +7,19 @@ __all__ = ['PROGRESS', 'build_model', 'epoch_dataset', 'fit_language_model', 'tr
            'MODEL_FILE', 'AtomicCheckpoint', 'HistoryLog', 'latest_backup', 'BackupAndRestore']
 
 # %% ../nbs/04_training.ipynb #45f3c153
-import csv, inspect, json, math, os, re, shlex, shutil, sys, tempfile, time, warnings, zipfile
+import inspect, math, os, shlex, shutil, sys, time
 from pathlib import Path
 import numpy as np
 import tensorflow as tf
 import keras
-from fastcore.basics import patch
 from fastcore.script import call_parse, store_true
-from .durable import atomic_write, fault_point, is_disk_full, disk_full, DiskFullError, remove_stale_temps, folder_lock, FolderInUse
+from .durable import is_disk_full, DiskFullError, remove_stale_temps, folder_lock, FolderInUse
 from .model import LanguageModel, MODEL_FILE
-from .console import first_line
-from .checkpoints import past_epochs, RunFiles, from_checkpoints, from_backup, history_dict, load_backup, latest_backup, latest_checkpoint, complete_keras_file, saved_size, AtomicCheckpoint, HistoryLog, BackupAndRestore
+from .checkpoints import past_epochs, RunFiles, from_checkpoints, from_backup, history_dict, load_backup, latest_backup, latest_checkpoint, AtomicCheckpoint, HistoryLog, BackupAndRestore
 from .tokenize import Tokenizer, sample_text, read_text, read_lines, text_files
 from .window import make_windows, split_windows, stream_batches, count_windows
-from .cell import MinGRU, MinLSTM
 from .checks import check_int, check_rate, check_choice
-from .blocks import CELLS, ResidualBlock, initial_states, rnn_step, rnn_layer
+from .blocks import CELLS, ResidualBlock, rnn_layer
 
 # %% ../nbs/04_training.ipynb #tr000003
 _all_ = ['LanguageModel', 'MODEL_FILE', 'AtomicCheckpoint', 'HistoryLog', 'latest_backup', 'BackupAndRestore']   # defined in model and checkpoints

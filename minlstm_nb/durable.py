@@ -5,10 +5,10 @@
 # %% auto #0
 __all__ = ['FAULT_ENV', 'FAULT_POINTS', 'TEMP_NAME', 'LOCK_NAME', 'fault_point', 'human_size', 'is_disk_full', 'DiskFullError',
            'disk_full', 'temp_prefix', 'pid_alive', 'remove_stale_temps', 'FolderInUse', 'folder_lock', 'fsync_dir',
-           'atomic_write']
+           'atomic_write', 'write_bundle', 'read_bundle']
 
 # %% ../nbs/92_durable.ipynb #du000005
-import os, re, errno, shutil, signal, socket, tempfile
+import json, os, re, errno, shutil, signal, socket, tempfile, zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -173,3 +173,43 @@ def atomic_write(path:str|os.PathLike, # the file to write
             raise disk_full(path, need if need is not None else written, at_least=need is None) from e
         raise
 
+
+# %% ../nbs/92_durable.ipynb #bu000002
+def write_bundle(path:str|os.PathLike, # the file to write (replaced atomically if it exists)
+                 meta:dict,            # what it holds: saved as meta.json; must include "format" and "version"
+                 parts:dict,           # name -> a function writing that part to the path it is given
+                 point:str='save',     # the name of this write for a fault campaign
+                )->Path:
+    "Write `meta` and every part into the one zip file `path`, atomically: the old file stays whole until the new one is."
+    path = Path(path)
+    if not path.parent.is_dir(): raise FileNotFoundError(f'cannot save to {str(path)!r}: directory {str(path.parent)!r} does not exist')
+    remove_stale_temps(path.parent, path.name)                # what a save killed midway left
+    meta = json.dumps(meta, indent=1)
+    with tempfile.TemporaryDirectory() as d:
+        for name, write in parts.items(): write(Path(d)/name)
+        need = len(meta) + sum(p.stat().st_size for p in Path(d).iterdir())
+        with atomic_write(path, point=point, need=need) as tmp, zipfile.ZipFile(tmp, 'w') as z:
+            z.writestr('meta.json', meta)
+            for name in parts:                                 # (a .keras file is a zip already: stored as it is)
+                z.write(Path(d)/name, name, compress_type=zipfile.ZIP_STORED if name.endswith('.keras') else zipfile.ZIP_DEFLATED)
+    return path
+
+# %% ../nbs/92_durable.ipynb #bu000003
+@contextmanager
+def read_bundle(path:str|os.PathLike, # a file written by `write_bundle`
+                format:str,           # what it must say it is, e.g. "minlstm_nb.Forecaster"
+                version:int=1,        # the version this reader knows
+               ):
+    "Yield `(meta, folder)`: the bundle's meta.json and a folder holding its parts; any flaw is a `ValueError` naming `path`."
+    what = format.rsplit('.', 1)[-1]
+    if not Path(path).is_file(): raise FileNotFoundError(f'no saved {what} at {str(path)!r}')
+    try:
+        with zipfile.ZipFile(path) as z, tempfile.TemporaryDirectory() as d:
+            meta = json.loads(z.read('meta.json'))
+            if not isinstance(meta, dict) or meta.get('format') != format: raise ValueError(f'not a {format} file')
+            if meta.get('version') != version: raise ValueError(f'unsupported version {meta.get("version")!r}')
+            z.extractall(d)
+            yield meta, Path(d)
+    except (zipfile.BadZipFile, KeyError, ValueError, TypeError, OSError) as e:
+        if isinstance(e, FileNotFoundError) and e.filename: e = f'it holds no {Path(e.filename).name}'   # a part missing
+        raise ValueError(f'{str(path)!r} is not a valid saved {what}: {e}') from None

@@ -7,13 +7,13 @@ __all__ = ['RNNS', 'CELLS', 'FORECASTER_FORMAT', 'forecast_windows', 'window_arr
            'seasonal_naive', 'mae', 'build_forecaster', 'check_series', 'Forecaster', 'fit_forecaster']
 
 # %% ../nbs/09d_forecast.ipynb #fc000005
-import json, tempfile, time, zipfile
+import time
 from pathlib import Path
 import numpy as np
 import tensorflow as tf
 import keras
 from fastcore.basics import patch
-from .durable import atomic_write, remove_stale_temps
+from .durable import write_bundle, read_bundle
 from .checks import check_int, check_rate, check_choice
 from .cell import MinGRU, MinLSTM
 
@@ -178,26 +178,12 @@ FORECASTER_FORMAT = 'minlstm_nb.Forecaster'
 @patch
 def save(self:Forecaster, path)->Path:
     "Write the model and its settings to the single file `path`, atomically."
-    path = Path(path)
-    if not path.parent.is_dir(): raise FileNotFoundError(f'cannot save to {str(path)!r}: {str(path.parent)!r} does not exist')
-    remove_stale_temps(path.parent, path.name)            # what a save killed midway left
-    meta = json.dumps(dict(format=FORECASTER_FORMAT, version=1, lookback=self.lookback, horizon=self.horizon,
-                           mean=self.mean, std=self.std, scale=self.scale, settings=self.settings, history=self.history), indent=1)
-    with tempfile.TemporaryDirectory() as d:
-        self.model.save(Path(d)/'model.keras')
-        with atomic_write(path, point='save') as tmp, zipfile.ZipFile(tmp, 'w') as z:
-            z.writestr('meta.json', meta); z.write(Path(d)/'model.keras', 'model.keras')
-    return path
+    meta = dict(format=FORECASTER_FORMAT, version=1, lookback=self.lookback, horizon=self.horizon, mean=self.mean,
+                std=self.std, scale=self.scale, settings=self.settings, history=self.history)
+    return write_bundle(path, meta, {'model.keras': self.model.save})
 
 @patch(cls_method=True)
 def load(cls:Forecaster, path)->Forecaster:
     "Read a `Forecaster` written by `save`."
-    if not Path(path).is_file(): raise FileNotFoundError(f'no saved Forecaster at {str(path)!r}')
-    try:
-        with zipfile.ZipFile(path) as z, tempfile.TemporaryDirectory() as d:
-            meta = json.loads(z.read('meta.json'))
-            if (meta.get('format'), meta.get('version')) != (FORECASTER_FORMAT, 1): raise ValueError(f'not a {FORECASTER_FORMAT} file')
-            model = keras.saving.load_model(z.extract('model.keras', d))
-    except (zipfile.BadZipFile, KeyError, ValueError, TypeError, OSError) as e:
-        raise ValueError(f'{str(path)!r} is not a valid saved Forecaster: {e}') from None
-    return cls(model, meta['lookback'], meta['horizon'], meta['mean'], meta['std'], meta['settings'], meta['history'], meta['scale'])
+    with read_bundle(path, FORECASTER_FORMAT) as (m, d): model = keras.saving.load_model(d/'model.keras')
+    return cls(model, m['lookback'], m['horizon'], m['mean'], m['std'], m['settings'], m['history'], m['scale'])

@@ -6,13 +6,13 @@
 __all__ = ['MODEL_FILE', 'CONTEXTS', 'LanguageModel', 'step_function', 'model_initial_states', 'sample_next']
 
 # %% ../nbs/05a_model.ipynb #mo000005
-import json, os, shutil, tempfile, zipfile
+import os, shutil, tempfile
 from pathlib import Path
 import numpy as np
 import tensorflow as tf
 import keras
 from fastcore.basics import patch
-from .durable import atomic_write, fault_point, is_disk_full, disk_full, temp_prefix, remove_stale_temps, TEMP_NAME, pid_alive
+from .durable import write_bundle, read_bundle, fault_point, is_disk_full, disk_full, temp_prefix, remove_stale_temps, TEMP_NAME, pid_alive
 from .tokenize import Tokenizer
 from .cell import MinGRU, MinLSTM
 from .blocks import ResidualBlock, initial_states, rnn_step
@@ -65,35 +65,16 @@ def _resolve_model_path(path):
 def save(self:LanguageModel, path:str|os.PathLike)->Path:
     "Write model, tokenizer and settings to the single file `path` (or `path/model.minlstm` for a directory), atomically."
     path = Path(path)
-    if path.is_dir(): path = path/MODEL_FILE
-    if not path.parent.is_dir(): raise FileNotFoundError(f'cannot save to {str(path)!r}: directory {str(path.parent)!r} does not exist')
-    remove_stale_temps(path.parent, path.name)                # what a save killed midway left
-    meta = json.dumps(dict(format=_LM_FORMAT, version=1, seq_length=self.seq_length, config=self.config,
-                           history={k: [float(v) for v in vs] for k, vs in self.history.history.items()}), indent=1)
-    with tempfile.TemporaryDirectory() as d:
-        self.model.save(Path(d)/'model.keras')
-        self.tokenizer.save(Path(d)/'tokenizer.json')
-        need = len(meta) + sum(p.stat().st_size for p in Path(d).iterdir())
-        with atomic_write(path, point='save', need=need) as tmp, zipfile.ZipFile(tmp, 'w') as z:
-            z.writestr('meta.json', meta)
-            z.write(Path(d)/'tokenizer.json', 'tokenizer.json', compress_type=zipfile.ZIP_DEFLATED)
-            z.write(Path(d)/'model.keras', 'model.keras')
-    return path
+    meta = dict(format=_LM_FORMAT, version=1, seq_length=self.seq_length, config=self.config,
+                history={k: [float(v) for v in vs] for k, vs in self.history.history.items()})
+    return write_bundle(path/MODEL_FILE if path.is_dir() else path, meta,
+                        {'tokenizer.json': self.tokenizer.save, 'model.keras': self.model.save})
 
 @patch(cls_method=True)
 def load(cls:LanguageModel, path:str|os.PathLike)->LanguageModel:
     "Read a `LanguageModel` written by `save` (a file, or a directory holding `model.minlstm`)."
-    path = _resolve_model_path(path)
-    try:
-        with zipfile.ZipFile(path) as z, tempfile.TemporaryDirectory() as d:
-            meta = json.loads(z.read('meta.json'))
-            if meta.get('format') != _LM_FORMAT: raise ValueError(f'not a {_LM_FORMAT} file')
-            if meta.get('version') != 1: raise ValueError(f'unsupported version {meta.get("version")!r}')
-            z.extract('tokenizer.json', d); z.extract('model.keras', d)
-            tokenizer = Tokenizer.load(Path(d)/'tokenizer.json')
-            model = keras.saving.load_model(Path(d)/'model.keras')
-    except (zipfile.BadZipFile, KeyError, ValueError, TypeError, OSError) as e:
-        raise ValueError(f'{str(path)!r} is not a valid saved LanguageModel: {e}') from None
+    with read_bundle(_resolve_model_path(path), _LM_FORMAT) as (meta, d):
+        tokenizer, model = Tokenizer.load(d/'tokenizer.json'), keras.saving.load_model(d/'model.keras')
     return cls(model, tokenizer, meta['seq_length'], meta.get('config'), meta.get('history'))
 
 # %% ../nbs/05a_model.ipynb #116d10db

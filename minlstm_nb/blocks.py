@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['CELLS', 'rnn_layer', 'CausalConv', 'ResidualBlock', 'initial_states', 'rnn_step', 'CausalSelfAttention',
-           'TransformerBlock', 'empty_cache']
+           'TransformerBlock', 'empty_cache', 'PositionEmbedding']
 
 # %% ../nbs/03b_blocks.ipynb #b3fabbdf
 import math
@@ -189,3 +189,15 @@ def empty_cache(block:TransformerBlock, batch_size:int)->list:
     "The key/value cache of a Transformer block before the first position: keys and values of length 0."
     shape = (batch_size, block.heads, 0, block.width // block.heads)
     return [ops.zeros(shape), ops.zeros(shape)]
+
+# %% ../nbs/03b_blocks.ipynb #pe000002
+@keras.saving.register_keras_serializable(package='minlstm_nb')
+class PositionEmbedding(keras.layers.Layer):
+    "Adds a learned vector per position (GPT's positional embedding), for sequences up to `max_length`."
+    def __init__(self, max_length, **kwargs):
+        super().__init__(**kwargs); self.max_length = check_int('max_length', max_length)
+    def build(self, input_shape):
+        self.table = self.add_weight(shape=(self.max_length, input_shape[-1]), name='table',
+                                     initializer=keras.initializers.RandomNormal(stddev=0.02))
+    def call(self, x): return x + ops.cast(self.table[None, :ops.shape(x)[1]], x.dtype)
+    def get_config(self): return {**super().get_config(), 'max_length': self.max_length}

@@ -13,8 +13,9 @@ import tensorflow as tf
 import keras
 from .corpus import CharCorpus, training_batch, validation_windows
 from .model import step_function, model_initial_states, sample_next
-from .checks import check_int, check_rate
-from .blocks import ResidualBlock, TransformerBlock, PositionEmbedding, empty_cache
+from .checks import check_int
+from .blocks import ResidualBlock, TransformerBlock, empty_cache
+from .training import build_model
 
 # %% ../nbs/09_language_model.ipynb #99677d55
 KINDS = ('minlstm', 'mingru', 'lstm', 'gru', 'transformer')
@@ -40,20 +41,8 @@ def build_lm(kind:str,         # "minlstm", "mingru", "lstm", "gru" or "transfor
     if kind not in KINDS: raise ValueError(f'unknown model {kind!r}: choose one of {", ".join(KINDS)}')
     if kind == 'transformer' and width % heads:
         raise ValueError(f'width ({width}) must be a multiple of heads ({heads})')
-    dropout = check_rate('dropout', dropout)
-    inp = keras.Input((None,), dtype='int32', name='ids')
-    h = keras.layers.Embedding(vocab_size, width, name='embedding')(inp)
-    if kind == 'transformer': h = PositionEmbedding(context, name='positions')(h)
-    if dropout: h = keras.layers.Dropout(dropout, name='embedding_drop')(h)
-    if kind == 'transformer':
-        for i in range(depth): h = TransformerBlock(width, heads, ff_mult, dropout, name=f'block_{i}')(h)
-        h = keras.layers.LayerNormalization(name='final_norm')(h)
-    else:
-        for i in range(depth):
-            h = ResidualBlock(width, kind, ff_mult, _expansion(kind, expansion_factor), conv=conv, dropout=dropout,
-                              name=f'block_{i}')(h)
-        h = keras.layers.RMSNormalization(name='final_norm')(h)
-    return keras.Model(inp, keras.layers.Dense(vocab_size, name='logits')(h), name=f'{kind}_lm')
+    return build_model(vocab_size, kind, width, width, depth, _expansion(kind, expansion_factor), ff_mult, every_position=True,
+                       blocks=True, conv=conv, dropout=dropout, heads=heads, context=context)
 
 # %% ../nbs/09_language_model.ipynb #4a8ab607
 def lm_params(kind, vocab_size, context, width, depth=3, ff_mult=4, conv=4, expansion_factor=2)->int:

@@ -19,14 +19,20 @@ from .checkpoints import past_epochs, RunFiles, from_checkpoints, from_backup, h
 from .tokenize import Tokenizer, sample_text, read_text, read_lines, text_files
 from .window import make_windows, split_windows, stream_batches, count_windows
 from .checks import check_int, check_rate, check_choice
-from .blocks import CELLS, ResidualBlock, rnn_layer
+from .blocks import CELLS, ResidualBlock, TransformerBlock, PositionEmbedding, rnn_layer
 
 # %% ../nbs/04_training.ipynb #tr000003
 _all_ = ['LanguageModel', 'MODEL_FILE', 'AtomicCheckpoint', 'HistoryLog', 'latest_backup', 'BackupAndRestore']   # defined in model and checkpoints
 
 # %% ../nbs/04_training.ipynb #9c0c0433
+def _block(cell, units, ff_mult, expansion_factor, conv, dropout, heads, last_only, name):
+    "One block of a deep model: GPT's for the Transformer, else the paper's residual block around the recurrent layer."
+    if cell == 'transformer': return TransformerBlock(units, heads, ff_mult, dropout, name=name)
+    return ResidualBlock(units, cell, ff_mult, expansion_factor, conv=conv, dropout=dropout, last_only=last_only, name=name)
+
+# %% ../nbs/04_training.ipynb #9c0c0433s1
 def build_model(vocab_size:int,        # ids the model reads and predicts (the tokenizer's vocab_size)
-                cell:str='minlstm',    # "minlstm", "mingru", "lstm" or "gru"
+                cell:str='minlstm',    # "minlstm", "mingru", "lstm" or "gru" ("transformer": a GPT, given context=)
                 units:int=10,          # features of the recurrent state (the model's width when depth > 1)
                 embedding_dim:int=8,   # features of each token's embedding
                 depth:int=1,           # 1: Embedding -> RNN -> Dense; more: that many residual blocks (the paper's)
@@ -34,19 +40,35 @@ def build_model(vocab_size:int,        # ids the model reads and predicts (the t
                 ff_mult:int=4,         # MLP width relative to units in residual blocks
                 mode:str='parallel',   # min-RNNs: "parallel" (scan) or "sequential" (step loop)
                 name:str|None=None,    # the model's name (default: "<cell>_lm")
+                *, every_position:bool=False, # logits at every position of unpadded text (lesson 9), not after the last token
+                blocks:bool|None=None, # residual blocks even at depth 1 (default: when depth > 1)
+                conv:int=0, dropout:float=0.0, heads:int=4, # blocks: causal convolution width, dropout, attention heads
+                context:int|None=None, # the Transformer's longest window (rows of its position table)
                )->keras.Model:         # ids (batch, time) -> next-token logits (batch, vocab_size)
     "A next-token model: Embedding, one recurrent layer or `depth` residual blocks, and a Dense head giving logits."
-    check_choice('cell', cell, CELLS); vocab_size, units, embedding_dim, depth = (check_int(n, v) for n, v in
+    vocab_size, units, embedding_dim, depth = (check_int(n, v) for n, v in
         [('vocab_size', vocab_size), ('units', units), ('embedding_dim', embedding_dim), ('depth', depth)])
-    layers = [keras.Input((None,), dtype='int32', name='ids'), keras.layers.Embedding(vocab_size, embedding_dim, mask_zero=True, name='embedding')]
-    if depth == 1: layers.append(rnn_layer(cell, units, False, cell, expansion_factor, mode))
-    else:
-        if embedding_dim != units: layers.append(keras.layers.Dense(units, name='embedding_to_units'))
-        layers += [ResidualBlock(units, cell, ff_mult, expansion_factor, last_only=(i == depth - 1), name=f'block_{i}')
-                   for i in range(depth)]
-        layers.append(keras.layers.RMSNormalization(name='final_norm'))
-    layers.append(keras.layers.Dense(vocab_size, name='logits'))
-    return keras.Sequential(layers, name=name or f'{cell}_lm')
+    check_choice('cell', cell, CELLS + ('transformer',)); dropout = check_rate('dropout', dropout)
+    if cell == 'transformer' and not context: raise ValueError('cell="transformer" needs context=: its longest window')
+    if cell == 'transformer' and units % heads: raise ValueError(f'units ({units}) must be a multiple of heads ({heads})')
+    blocks = depth > 1 or cell == 'transformer' if blocks is None else blocks
+    def layers():                  # in order, each made as it is asked for
+        yield keras.Input((None,), dtype='int32', name='ids')     # padding id 0 masked where prompts may be padded
+        yield keras.layers.Embedding(vocab_size, embedding_dim, mask_zero=not every_position, name='embedding')
+        if cell == 'transformer': yield PositionEmbedding(context, name='positions')
+        if dropout: yield keras.layers.Dropout(dropout, name='embedding_drop')
+        if not blocks: yield rnn_layer(cell, units, every_position, cell, expansion_factor, mode)
+        else:
+            if embedding_dim != units: yield keras.layers.Dense(units, name='embedding_to_units')
+            for i in range(depth):
+                yield _block(cell, units, ff_mult, expansion_factor, conv, dropout, heads, not every_position and i == depth - 1,
+                             f'block_{i}')
+            yield keras.layers.LayerNormalization(name='final_norm') if cell == 'transformer' else keras.layers.RMSNormalization(name='final_norm')
+        yield keras.layers.Dense(vocab_size, name='logits')
+    if not every_position: return keras.Sequential(list(layers()), name=name or f'{cell}_lm')
+    it = layers(); x = ids = next(it)      # lesson 9's models are functional, each layer called as it is made: the same first
+    for layer in it: x = layer(x)          # weights as when its runs were measured
+    return keras.Model(ids, x, name=name or f'{cell}_lm')
 
 # %% ../nbs/04_training.ipynb #445e0ef0
 def epoch_dataset(X, y,                 # windows and targets (numpy)

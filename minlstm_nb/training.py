@@ -44,13 +44,14 @@ def build_model(vocab_size:int,        # ids the model reads and predicts (the t
                 blocks:bool|None=None, # residual blocks even at depth 1 (default: when depth > 1)
                 conv:int=0, dropout:float=0.0, heads:int=4, # blocks: causal convolution width, dropout, attention heads
                 context:int|None=None, # the Transformer's longest window (rows of its position table)
-               )->keras.Model:         # ids (batch, time) -> next-token logits (batch, vocab_size)
+               )->keras.Model:         # ids (batch, time) -> logits (batch, vocab_size); every_position: (batch, time, vocab_size)
     "A next-token model: Embedding, one recurrent layer or `depth` residual blocks, and a Dense head giving logits."
     vocab_size, units, embedding_dim, depth = (check_int(n, v) for n, v in
         [('vocab_size', vocab_size), ('units', units), ('embedding_dim', embedding_dim), ('depth', depth)])
     check_choice('cell', cell, CELLS + ('transformer',)); dropout = check_rate('dropout', dropout)
     if cell == 'transformer' and not context: raise ValueError('cell="transformer" needs context=: its longest window')
     if cell == 'transformer' and units % heads: raise ValueError(f'units ({units}) must be a multiple of heads ({heads})')
+    if cell == 'transformer' and blocks is False: raise ValueError('cell="transformer" is made of blocks: blocks=False has no meaning')
     blocks = depth > 1 or cell == 'transformer' if blocks is None else blocks
     def layers():                  # in order, each made as it is asked for
         yield keras.Input((None,), dtype='int32', name='ids')     # padding id 0 masked where prompts may be padded

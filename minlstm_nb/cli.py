@@ -9,7 +9,7 @@ __all__ = ['COMMANDS', 'verbose_requested', 'launch', 'readme_blocks', 'example_
 import os, re, sys, json, importlib, warnings
 from pathlib import Path
 from fastcore.script import anno_parser
-from .console import FilteredStderr, StatusLine, is_framework_log, FRAMEWORK_LOG   # (these lived here once)
+from .console import FilteredStderr
 
 # %% ../nbs/91_cli.ipynb #3e1ee3e4
 COMMANDS = {   # console script -> the function it runs

@@ -7,7 +7,7 @@ __all__ = ['PROGRESS', 'build_model', 'epoch_dataset', 'fit_language_model', 'tr
            'MODEL_FILE', 'AtomicCheckpoint', 'HistoryLog', 'latest_backup', 'BackupAndRestore']
 
 # %% ../nbs/04_training.ipynb #45f3c153
-import inspect, math, os, shlex, shutil, sys, time
+import inspect, math, os, shlex, shutil, signal, sys, threading, time
 from pathlib import Path
 import numpy as np
 import tensorflow as tf
@@ -305,6 +305,23 @@ class _Progress(keras.callbacks.Callback):
         self.out(f'epoch {epoch + 1}/{self.epochs}: loss {logs.get("loss", float("nan")):.4f}{extra} ({_duration(now - self.t0)}{left})')
         self.last_line = now
 
+# %% ../nbs/04_training.ipynb #86a61173s2
+class _CtrlC(keras.callbacks.Callback):
+    """Ctrl-C stops a run whatever Python was doing when it came. Python raises KeyboardInterrupt where the main thread
+    is; if that is a finaliser (`__del__`: TensorFlow deletes a data iterator in one every epoch), it is printed and
+    dropped. While this callback is entered (`with`), Ctrl-C also sets a flag, and the next batch's end raises it again."""
+    def __enter__(self):
+        self.hit, self.before = False, signal.getsignal(signal.SIGINT)
+        self.owns = self.before is signal.default_int_handler and threading.current_thread() is threading.main_thread()
+        if self.owns: signal.signal(signal.SIGINT, self._interrupt)
+        return self
+    def __exit__(self, *exc):
+        if self.owns: signal.signal(signal.SIGINT, self.before)
+    def _interrupt(self, signum, frame): self.hit = True; raise KeyboardInterrupt
+    def on_train_batch_end(self, batch, logs=None):
+        if self.hit: raise KeyboardInterrupt
+    def on_epoch_end(self, epoch, logs=None): self.on_train_batch_end(None)
+
 # %% ../nbs/04_training.ipynb #tr0cmd01
 def _command()->str:
     "The command line this process runs, as a shell takes it (the script by its name)."
@@ -357,8 +374,10 @@ def train_main(file=None, out='minlstm_model', *, checkpoint_every=None, resume=
         remove_stale_temps(out)
         ckpt = (dict(checkpoint_dir=out/'checkpoints', checkpoint_every=checkpoint_every, resume=resume, keep_checkpoints=keep_checkpoints)
                 if (checkpoint_every or resume) else {})
-        lm = fit_language_model(text, files=file if many else None, backup_dir=backup_dir, delete_backup=False, verbose=0,
-                                callbacks=[] if quiet or progress == 'none' else [_Progress(progress, print)], **ckpt, **settings)
+        with _CtrlC() as ctrl_c:
+            lm = fit_language_model(text, files=file if many else None, backup_dir=backup_dir, delete_backup=False, verbose=0,
+                                    callbacks=[ctrl_c] + ([] if quiet or progress == 'none' else [_Progress(progress, print)]),
+                                    **ckpt, **settings)
         path = lm.save(out/MODEL_FILE)
         if backup_dir is not None: shutil.rmtree(backup_dir, ignore_errors=True)   # only now: a kill in the save above resumes from it
         h = lm.history.history

@@ -194,7 +194,8 @@ def empty_cache(block:TransformerBlock, batch_size:int)->list:
 @keras.saving.register_keras_serializable(package='minlstm_nb')
 class PositionEmbedding(keras.layers.Layer):
     "Adds a learned vector per position (GPT's positional embedding), for sequences up to `max_length`."
-    def __init__(self, max_length, **kwargs):
+    def __init__(self, max_length:int, # the longest window: rows of the table
+                 **kwargs):
         super().__init__(**kwargs); self.max_length = check_int('max_length', max_length)
     def build(self, input_shape):
         self.table = self.add_weight(shape=(self.max_length, input_shape[-1]), name='table',

@@ -196,11 +196,12 @@ def write_bundle(path:str|os.PathLike, # the file to write (replaced atomically 
 
 # %% ../nbs/92_durable.ipynb #bu000003
 @contextmanager
-def read_bundle(path:str|os.PathLike, # a file written by `write_bundle`
+def read_bundle(path:str|os.PathLike, # a file written by write_bundle
                 format:str,           # what it must say it is, e.g. "minlstm_nb.Forecaster"
                 version:int=1,        # the version this reader knows
                ):
-    "Yield `(meta, folder)`: the bundle's meta.json and a folder holding its parts; any flaw is a `ValueError` naming `path`."
+    """Use as `with read_bundle(path, format) as (meta, folder):` the bundle's meta.json and a temporary folder holding its
+    parts, gone when the block ends. No file is a `FileNotFoundError`; any flaw in one is a `ValueError` naming it."""
     what = format.rsplit('.', 1)[-1]
     if not Path(path).is_file(): raise FileNotFoundError(f'no saved {what} at {str(path)!r}')
     try:

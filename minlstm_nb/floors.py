@@ -73,7 +73,7 @@ def floor_problems(lib='../minlstm_nb', # the package's folder
 # %% ../nbs/96_floors.ipynb #fl000019
 def unused_imports(path, # a module's .py file
                   )->list:
-    "The names the module at `path` imports, at the top or inside a function, and never uses."
+    "The names the module at `path` imports, at the top or inside a function, and never uses, sorted."
     tree = ast.parse(Path(path).read_text(encoding='utf-8'))
     imported = {a.asname or a.name.split('.')[0] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
                 for a in n.names if a.name != '*'}

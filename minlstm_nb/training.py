@@ -40,12 +40,15 @@ def build_model(vocab_size:int,        # ids the model reads and predicts (the t
                 ff_mult:int=4,         # MLP width relative to units in residual blocks
                 mode:str='parallel',   # min-RNNs: "parallel" (scan) or "sequential" (step loop)
                 name:str|None=None,    # the model's name (default: "<cell>_lm")
-                *, every_position:bool=False, # logits at every position of unpadded text (lesson 9), not after the last token
-                blocks:bool|None=None, # residual blocks even at depth 1 (default: when depth > 1)
-                conv:int=0, dropout:float=0.0, heads:int=4, # blocks: causal convolution width, dropout, attention heads
-                context:int|None=None, # the Transformer's longest window (rows of its position table)
+                *,                     # the rest by name only
+                every_position:bool=False, # logits at every position of unpadded text, not after the last token
+                blocks:bool|None=None, # residual blocks even at depth 1 (default: when depth > 1, or a Transformer)
+                conv:int=0,            # recurrent blocks: width of the causal convolution (0: none)
+                dropout:float=0.0,     # rate after the embedding and in every block
+                heads:int=4,           # the Transformer's attention heads (units must be a multiple)
+                context:int|None=None, # the Transformer's longest window (required for it: its position table's rows)
                )->keras.Model:         # ids (batch, time) -> logits (batch, vocab_size); every_position: (batch, time, vocab_size)
-    "A next-token model: Embedding, one recurrent layer or `depth` residual blocks, and a Dense head giving logits."
+    "A next-token model: Embedding, one recurrent layer or `depth` blocks (the paper's, or GPT's), and a Dense head giving logits."
     vocab_size, units, embedding_dim, depth = (check_int(n, v) for n, v in
         [('vocab_size', vocab_size), ('units', units), ('embedding_dim', embedding_dim), ('depth', depth)])
     check_choice('cell', cell, CELLS + ('transformer',)); dropout = check_rate('dropout', dropout)

@@ -200,5 +200,8 @@ class PositionEmbedding(keras.layers.Layer):
     def build(self, input_shape):
         self.table = self.add_weight(shape=(self.max_length, input_shape[-1]), name='table',
                                      initializer=keras.initializers.RandomNormal(stddev=0.02))
-    def call(self, x): return x + ops.cast(self.table[None, :ops.shape(x)[1]], x.dtype)
+    def call(self, x):
+        if x.shape[1] is not None and x.shape[1] > self.max_length:
+            raise ValueError(f'a window of {x.shape[1]} positions is longer than max_length = {self.max_length}')
+        return x + ops.cast(self.table[None, :ops.shape(x)[1]], x.dtype)
     def get_config(self): return {**super().get_config(), 'max_length': self.max_length}

@@ -17,7 +17,8 @@ FLOORS = {  # floor -> (what it holds, its modules)
     2: ('the linear recurrence, its scans and the gates that feed them', ('scan', 'gates')),
     3: ('the CPU kernels and the rule for which implementation runs where', ('kernels',)),
     4: ('the layers: cells, minGRU and minLSTM, residual blocks', ('dropin', 'cell', 'blocks')),
-    5: ('the language model, training, checkpoints, prediction', ('model', 'checkpoints', 'training', 'prediction')),
+    5: ('the language model, training across processes, training, checkpoints, prediction',
+        ('model', 'scale', 'checkpoints', 'training', 'prediction')),
     6: ('the experiments', ('benchmark', 'device_bench', 'selective_copy', 'lm_compare', 'lm_report', 'forecast', 'faults')),
     7: ('the commands and the docs tooling', ('cli', 'mathml', 'docs', 'floors')),
 }

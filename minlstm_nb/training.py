@@ -9,7 +9,6 @@ __all__ = ['PROGRESS', 'build_model', 'epoch_dataset', 'fit_language_model', 'tr
 # %% ../nbs/04_training.ipynb #45f3c153
 import inspect, math, os, shlex, shutil, signal, sys, threading, time
 from pathlib import Path
-import numpy as np
 import tensorflow as tf
 import keras
 from fastcore.script import call_parse, store_true
@@ -19,6 +18,7 @@ from .checkpoints import past_epochs, RunFiles, from_checkpoints, from_backup, h
 from .tokenize import Tokenizer, sample_text, read_text, read_lines, text_files
 from .window import make_windows, split_windows, stream_batches, count_windows
 from .checks import check_int, check_rate, check_choice
+from .scale import multi_worker, fit_multi_worker
 from .blocks import CELLS, ResidualBlock, TransformerBlock, PositionEmbedding, rnn_layer
 
 # %% ../nbs/04_training.ipynb #tr000003
@@ -113,48 +113,6 @@ def _check_fit_args(text, *, files, tokenizer, level, cell, seq_length, epochs, 
     if files is not None and validation_split:
         raise ValueError('validation_split needs text: with files=, hold out some files and evaluate on them')
 
-def _multi_worker(strategy)->bool:
-    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and strategy.extended._in_multi_worker_mode()
-
-# %% ../nbs/04_training.ipynb #63bc1381s1
-def _fit_multi_worker(model, dataset, epochs, initial_epoch, steps, callbacks, strategy):
-    """`model.fit` for MultiWorkerMirroredStrategy across processes, which Keras 3 (3.15) cannot do: `fit` reduces the
-    first distributed batch and the per-step logs with `strategy.reduce` calls that fail across workers
-    (keras-team/keras#20585). The same step as `fit`'s - mean loss over the global batch, gradients all-reduced by the
-    Keras optimizer - with Keras' own `CallbackList` driving the callbacks. Returns the `History`."""
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction='none')
-    def replica_step(x, y):
-        n = tf.cast(tf.shape(y)[0], tf.float32)
-        n_global = tf.distribute.get_replica_context().all_reduce('SUM', n)  # the halves of a batch may differ by one
-        with tf.GradientTape() as tape:
-            logits = model(x, training=True)
-            total = tf.reduce_sum(loss_fn(y, logits))
-            loss = total / n_global                                          # summed over workers: the global batch mean
-        model.optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
-        hits = tf.reduce_sum(tf.cast(tf.equal(tf.cast(tf.argmax(logits, -1), y.dtype), y), tf.float32))
-        return total, hits, n                                                # sums, to weigh the epoch's means by batch size
-    @tf.function
-    def train_step(it):
-        sums = strategy.run(replica_step, args=next(it))
-        return [strategy.reduce('SUM', v, axis=None) for v in sums]
-    with strategy.scope():
-        if not model.optimizer.built: model.optimizer.build(model.trainable_variables)
-    history = keras.callbacks.History()
-    cbs = keras.callbacks.CallbackList(list(callbacks) + [history], model=model, epochs=epochs, steps=steps, verbose=0)
-    model.stop_training = False
-    cbs.on_train_begin()
-    it = iter(strategy.experimental_distribute_dataset(dataset))
-    for epoch in range(initial_epoch, epochs):
-        cbs.on_epoch_begin(epoch); total = np.zeros(3)
-        for step in range(steps):
-            cbs.on_train_batch_begin(step)
-            total += [float(v) for v in train_step(it)]
-            cbs.on_train_batch_end(step, {'loss': total[0] / total[2], 'accuracy': total[1] / total[2]})
-        cbs.on_epoch_end(epoch, {'loss': total[0] / total[2], 'accuracy': total[1] / total[2]})
-        if model.stop_training: break
-    cbs.on_train_end()
-    return history
-
 # %% ../nbs/04_training.ipynb #tr000001
 def _training_data(text, files, tokenizer, level, seq_length, batch_size, validation_split, max_tokens, errors, shuffle_buffer,
                    epochs, seed):
@@ -179,7 +137,7 @@ def _training_data(text, files, tokenizer, level, seq_length, batch_size, valida
 def _backup_dir(backup_dir, strategy)->Path:
     "Where this process backs up: `backup_dir`, or its worker's own directory in it (a worker that finishes deletes its own only)."
     bdir = Path(backup_dir)
-    return bdir/f'worker-{strategy.cluster_resolver.task_id}' if _multi_worker(strategy) else bdir
+    return bdir/f'worker-{strategy.cluster_resolver.task_id}' if multi_worker(strategy) else bdir
 
 # %% ../nbs/04_training.ipynb #tr000001s1
 def _new_model(fresh, learning_rate, strategy, backup=None):
@@ -190,11 +148,11 @@ def _new_model(fresh, learning_rate, strategy, backup=None):
     return model
 
 def _fit(model, data, initial_epoch, epochs, steps, val, callbacks, strategy, verbose):
-    "Keras `fit` from `initial_epoch` (across worker processes: `_fit_multi_worker`); an empty `History` when no epoch is left."
+    "Keras `fit` from `initial_epoch` (across worker processes: `fit_multi_worker`); an empty `History` when no epoch is left."
     if initial_epoch >= epochs: return keras.callbacks.History()
-    if _multi_worker(strategy):
+    if multi_worker(strategy):
         if val is not None: raise ValueError('validation_split is not supported with a multi-worker strategy: evaluate after training')
-        return _fit_multi_worker(model, data(initial_epoch), epochs, initial_epoch, steps, callbacks, strategy)
+        return fit_multi_worker(model, data(initial_epoch), epochs, initial_epoch, steps, callbacks, strategy)
     return model.fit(data(initial_epoch), epochs=epochs, initial_epoch=initial_epoch, steps_per_epoch=steps, validation_data=val,
                      callbacks=callbacks, verbose=verbose, shuffle=False)   # epoch_dataset shuffles
 

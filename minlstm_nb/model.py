@@ -52,12 +52,11 @@ class LanguageModel:
 MODEL_FILE = 'model.minlstm'   # the file name minlstm_train writes in its output directory
 _LM_FORMAT = 'minlstm_nb.LanguageModel'
 
-def _resolve_model_path(path):
+def _resolve_model_path(path):   # a directory: its model.minlstm (read_bundle refuses a missing file)
     path = Path(path)
     if path.is_dir():
         if (path/MODEL_FILE).is_file(): return path/MODEL_FILE
         raise ValueError(f'{str(path)!r} is a directory without {MODEL_FILE}: not a saved LanguageModel')
-    if not path.exists(): raise FileNotFoundError(f'no saved LanguageModel at {str(path)!r}')
     return path
 
 # %% ../nbs/05a_model.ipynb #44972ed7

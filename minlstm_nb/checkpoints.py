@@ -6,7 +6,7 @@
 __all__ = ['CHECKPOINT_NAME', 'BACKUP_NAME', 'complete_keras_file', 'latest_checkpoint', 'past_epochs', 'saved_size',
            'list_checkpoints', 'AtomicCheckpoint', 'write_history', 'HistoryLog', 'history_dict', 'history_before',
            'readable_weights', 'latest_backup', 'load_backup', 'BackupAndRestore', 'check_vocabulary',
-           'check_same_model', 'RunFiles', 'from_checkpoints', 'from_backup']
+           'check_same_model', 'check_settings', 'RunFiles', 'from_checkpoints', 'from_backup']
 
 # %% ../nbs/04a_checkpoints.ipynb #cp000005
 import csv, os, re, shutil, warnings, zipfile
@@ -17,6 +17,7 @@ import keras
 from .durable import atomic_write, fault_point, is_disk_full, disk_full, remove_stale_temps
 from .console import first_line
 from .tokenize import Tokenizer
+from .model import Settings
 
 # %% ../nbs/04a_checkpoints.ipynb #cp000007
 CHECKPOINT_NAME = re.compile(r'^epoch-(\d+)\.keras$')
@@ -209,6 +210,15 @@ def check_same_model(loaded, fresh, path):
                      'run in another directory')
 
 
+# %% ../nbs/04a_checkpoints.ipynb #cp0set02
+def check_settings(path, settings:Settings, what):
+    "Refuse to resume from checkpoints or backups made with other settings (`path`, their settings.json), epochs aside."
+    path = Path(path)
+    if not path.exists(): return                 # a directory from before runs kept their settings
+    if changed := Settings.load(path).changed(settings):
+        raise ValueError(f'the {what} in {str(path.parent)!r} were made with other settings ({"; ".join(changed)}): '
+                         'resume with the settings that made them, or start a new run in another directory')
+
 # %% ../nbs/04a_checkpoints.ipynb #cp000013
 @dataclass
 class RunFiles:
@@ -220,20 +230,21 @@ class RunFiles:
     writes:list=field(default_factory=list)
     callbacks:list=field(default_factory=list)
 
-def _history_files(d, tokenizer, earlier):
-    "The writes a run makes in `d` before training: its history up to where it resumes, its vocabulary."
+def _run_files(d, tokenizer, settings, earlier):
+    "The writes a run makes in `d` before training: its history up to where it resumes, its vocabulary and its settings."
     log = d/'history.csv'
-    return [lambda: log.exists() and write_history(log, *earlier), lambda: tokenizer.save(d/'tokenizer.json')]
+    return [lambda: log.exists() and write_history(log, *earlier), lambda: tokenizer.save(d/'tokenizer.json'),
+            lambda: settings.save(d/'settings.json')]
 
 # %% ../nbs/04a_checkpoints.ipynb #cp000013s1
 def from_checkpoints(ckpt, # the run's checkpoint directory (made if missing)
-                     resume:bool, epochs:int, tokenizer:Tokenizer,
+                     resume:bool, settings:Settings, tokenizer:Tokenizer,
                      every:int,             # epochs between checkpoints
                      keep:int|None,         # checkpoints to keep (None: all)
                      fresh,                 # a function that builds the model these arguments make
                      strategy,              # the tf.distribute strategy to load a checkpoint under
                     )->RunFiles:
-    "A run in `ckpt`: refused where checkpoints exist unless `resume`; resuming, the newest whole checkpoint, checked against `fresh()` and the vocabulary."
+    "A run in `ckpt`: refused where checkpoints exist unless `resume`; resuming, the newest whole checkpoint, checked against `fresh()`, the vocabulary and the settings."
     ckpt, run = Path(ckpt), RunFiles()
     ckpt.mkdir(parents=True, exist_ok=True)
     if not resume and latest_checkpoint(ckpt)[1] is not None:
@@ -242,32 +253,34 @@ def from_checkpoints(ckpt, # the run's checkpoint directory (made if missing)
         for p in ckpt.glob('.epoch-*.keras.*'): p.unlink()    # temporary files of a run killed during a save
         remove_stale_temps(ckpt)
         run.epoch, path = latest_checkpoint(ckpt)
-        if run.epoch > epochs: raise past_epochs('latest checkpoint', ckpt, run.epoch, epochs)
+        if run.epoch > settings.epochs: raise past_epochs('latest checkpoint', ckpt, run.epoch, settings.epochs)
         if path is not None:
             check_vocabulary(ckpt/'tokenizer.json', tokenizer, 'checkpoints')
+            check_settings(ckpt/'settings.json', settings, 'checkpoints')
             try:
                 with strategy.scope(): run.model = keras.saving.load_model(path)
             except Exception as e: raise ValueError(f'{str(path)!r} cannot be loaded ({first_line(e)}): remove it to '
                                                     'resume from the checkpoint before it') from None
             check_same_model(run.model, fresh(), path)
     run.earlier = history_before(ckpt/'history.csv', run.epoch)
-    run.writes = _history_files(ckpt, tokenizer, run.earlier)
+    run.writes = _run_files(ckpt, tokenizer, settings, run.earlier)
     run.callbacks = [HistoryLog(str(ckpt/'history.csv'), append=True), AtomicCheckpoint(ckpt, every, keep)]   # a row, then its checkpoint
     return run
 
 # %% ../nbs/04a_checkpoints.ipynb #cp000013s2
 def from_backup(bdir,                 # the run's backup directory (made if missing)
-                epochs:int, tokenizer:Tokenizer,
+                settings:Settings, tokenizer:Tokenizer,
                 delete:bool=True,     # delete the backup when training ends
                )->RunFiles:
-    "A run backed up in `bdir`: the newest readable backup to resume from, if any, its vocabulary checked."
+    "A run backed up in `bdir`: the newest readable backup to resume from, if any, its vocabulary and settings checked."
     bdir, run = Path(bdir), RunFiles()
     bdir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(bdir)
     run.epoch, run.backup = latest_backup(bdir)
-    if run.epoch > epochs: raise past_epochs('backup', bdir, run.epoch, epochs)
-    if run.epoch: check_vocabulary(bdir/'tokenizer.json', tokenizer, 'backups')
+    if run.epoch > settings.epochs: raise past_epochs('backup', bdir, run.epoch, settings.epochs)
+    if run.epoch:
+        check_vocabulary(bdir/'tokenizer.json', tokenizer, 'backups'); check_settings(bdir/'settings.json', settings, 'backups')
     run.earlier = history_before(bdir/'history.csv', run.epoch)
-    run.writes = _history_files(bdir, tokenizer, run.earlier)
+    run.writes = _run_files(bdir, tokenizer, settings, run.earlier)
     run.callbacks = [HistoryLog(str(bdir/'history.csv'), append=True), BackupAndRestore(bdir, delete_checkpoint=delete)]
     return run

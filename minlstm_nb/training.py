@@ -7,13 +7,14 @@ __all__ = ['PROGRESS', 'build_model', 'epoch_dataset', 'fit_language_model', 'tr
            'MODEL_FILE', 'AtomicCheckpoint', 'HistoryLog', 'latest_backup', 'BackupAndRestore']
 
 # %% ../nbs/04_training.ipynb #45f3c153
-import inspect, math, os, shlex, shutil, signal, sys, threading, time
+import math, os, shlex, shutil, signal, sys, threading, time
+from dataclasses import replace
 from pathlib import Path
 import tensorflow as tf
 import keras
 from fastcore.script import call_parse, store_true
 from .durable import is_disk_full, DiskFullError, remove_stale_temps, folder_lock, FolderInUse
-from .model import LanguageModel, MODEL_FILE
+from .model import LanguageModel, MODEL_FILE, Settings, takes_settings
 from .checkpoints import past_epochs, RunFiles, from_checkpoints, from_backup, history_dict, load_backup, latest_backup, latest_checkpoint, AtomicCheckpoint, HistoryLog, BackupAndRestore
 from .tokenize import Tokenizer, sample_text, read_text, read_lines, text_files
 from .window import make_windows, split_windows, stream_batches, count_windows
@@ -96,43 +97,36 @@ def _compile(model, learning_rate):
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=['accuracy'])
 
-def _check_fit_args(text, *, files, tokenizer, level, cell, seq_length, epochs, batch_size, validation_split, learning_rate,
-                    checkpoint_every, keep_checkpoints, max_tokens, resume, checkpoint_dir, backup_dir, **_):
-    "Refuse a wrong argument of `fit_language_model`, given by name (the others are the layers' to check)."
+def _check_fit_args(text, *, files, tokenizer, s, checkpoint_every, keep_checkpoints, max_tokens, resume, checkpoint_dir, backup_dir, **_):
+    "Refuse a wrong argument of `fit_language_model` by name (the `Settings` check themselves; the widths are the layers')."
     if (text is None) == (files is None): raise TypeError('give the training text, or files=, but not both')
     if files is None and tokenizer is None and not isinstance(text, str): raise TypeError(f'text must be a str, not {type(text).__name__}')
-    check_choice('level', level, ('word', 'char')); check_choice('cell', cell, CELLS)
-    check_int('seq_length', seq_length); check_int('epochs', epochs)
-    for name, v, low in (('batch_size', batch_size, 1), ('checkpoint_every', checkpoint_every, 1),
-                         ('keep_checkpoints', keep_checkpoints, 1), ('max_tokens', max_tokens, 2)):
+    for name, v, low in (('checkpoint_every', checkpoint_every, 1), ('keep_checkpoints', keep_checkpoints, 1), ('max_tokens', max_tokens, 2)):
         if v is not None: check_int(name, v, low)
-    check_rate('validation_split', validation_split)
-    if not (isinstance(learning_rate, (int, float)) and learning_rate > 0): raise ValueError(f'learning_rate must be positive, got {learning_rate!r}')
     if resume and checkpoint_dir is None: raise ValueError('resume=True needs a checkpoint_dir to resume from')
     if checkpoint_dir is not None and backup_dir is not None: raise ValueError('use checkpoint_dir or backup_dir, not both')
-    if files is not None and validation_split:
+    if files is not None and s.validation_split:
         raise ValueError('validation_split needs text: with files=, hold out some files and evaluate on them')
 
 # %% ../nbs/04_training.ipynb #tr000001
-def _training_data(text, files, tokenizer, level, seq_length, batch_size, validation_split, max_tokens, errors, shuffle_buffer,
-                   epochs, seed):
+def _training_data(text, files, tokenizer, s, max_tokens, errors, shuffle_buffer):
     """The tokenizer (fitted here unless given), a function from a first epoch to the batches of every epoch from it, the
-    steps per epoch, the validation data and the batch size: from `text` in memory, or from `files` streamed."""
-    new = lambda: Tokenizer(level, oov_token='<unk>' if max_tokens else None)
+    steps per epoch, the validation data, and `s` with its batch size and level as they are: from `text`, or `files` streamed."""
+    new = lambda: Tokenizer(s.level, oov_token='<unk>' if max_tokens else None)
     if files is not None:
         files = text_files(files)
         if tokenizer is None: tokenizer = new().fit(read_lines(files, errors), max_tokens=max_tokens)
-        batch_size, stream = batch_size or 256, dict(errors=errors, unknown='drop')
-        n = count_windows(files, tokenizer, seq_length, **stream)
-        if n == 0: raise ValueError(f'the files hold no run of {seq_length + 1} tokens: nothing to train on')
-        data = lambda e0: stream_batches(files, tokenizer, seq_length, batch_size, epochs, e0, seed, shuffle_buffer, **stream)
-        return tokenizer, data, math.ceil(n / batch_size), None, batch_size
+        s, stream = replace(s, batch_size=s.batch_size or 256, level=tokenizer.level), dict(errors=errors, unknown='drop')
+        n = count_windows(files, tokenizer, s.seq_length, **stream)
+        if n == 0: raise ValueError(f'the files hold no run of {s.seq_length + 1} tokens: nothing to train on')
+        data = lambda e0: stream_batches(files, tokenizer, s.seq_length, s.batch_size, s.epochs, e0, s.seed, shuffle_buffer, **stream)
+        return tokenizer, data, math.ceil(n / s.batch_size), None, s
     if tokenizer is None: tokenizer = new().fit(text, max_tokens=max_tokens)
     ids = tokenizer.encode(text, unknown='drop' if tokenizer.oov_token is None else 'oov')
-    if validation_split: (X, y), val = split_windows(ids, seq_length, validation_split)
-    else: (X, y), val = make_windows(ids, seq_length), None
-    batch_size = batch_size or min(len(X), 1024)
-    return tokenizer, lambda e0: epoch_dataset(X, y, batch_size, epochs, e0, seed), math.ceil(len(X)/batch_size), val, batch_size
+    if s.validation_split: (X, y), val = split_windows(ids, s.seq_length, s.validation_split)
+    else: (X, y), val = make_windows(ids, s.seq_length), None
+    s = replace(s, batch_size=s.batch_size or min(len(X), 1024), level=tokenizer.level)
+    return tokenizer, lambda e0: epoch_dataset(X, y, s.batch_size, s.epochs, e0, s.seed), math.ceil(len(X)/s.batch_size), val, s
 
 def _backup_dir(backup_dir, strategy)->Path:
     "Where this process backs up: `backup_dir`, or its worker's own directory in it (a worker that finishes deletes its own only)."
@@ -165,25 +159,15 @@ def _whole_history(history, earlier):
     return history
 
 # %% ../nbs/04_training.ipynb #1d58796f
+@takes_settings
 def fit_language_model(text:str|None=None,       # the training text (or give files=)
+                       settings:Settings|None=None, # the settings whole (those below, by name, go over them)
                        *,
-                       cell:str='minlstm',       # "minlstm", "mingru", "lstm" or "gru"
-                       level:str='word',         # "word" or "char" tokens
-                       seq_length:int=3,         # tokens of context per window
-                       epochs:int=500,           # passes over the windows
-                       units:int=10,             # recurrent state size (the seed's 10)
-                       embedding_dim:int=8,      # embedding size (the seed's 8)
-                       depth:int=1,              # > 1: the paper's residual blocks
-                       expansion_factor:float=1, # min-RNN state width relative to units
-                       batch_size:int|None=None, # windows per batch; None: all of them, up to 1024 (the seed: all)
-                       learning_rate:float=0.01, # Adam's learning rate (the seed's 0.01)
-                       validation_split:float=0.0, # share of the text, from its end, held out for validation
                        callbacks:list|None=None, # more Keras callbacks
                        checkpoint_dir:str|os.PathLike|None=None, # save checkpoints (and the history) here
                        checkpoint_every:int|None=None, # epochs between checkpoints (default: max(1, epochs // 10))
                        keep_checkpoints:int|None=None, # keep only the newest this many checkpoints (default: all)
                        resume:bool=False,        # continue from the latest checkpoint in checkpoint_dir, if any
-                       seed:int|None=None,       # seeds weights and shuffling: same seed, same bits
                        strategy:tf.distribute.Strategy|None=None, # e.g. tf.distribute.MirroredStrategy()
                        tokenizer:Tokenizer|None=None, # a fitted tokenizer to use instead of fitting one on text
                        files=None,               # instead of text: files, a directory or a glob, streamed (lesson 8)
@@ -193,28 +177,24 @@ def fit_language_model(text:str|None=None,       # the training text (or give fi
                        backup_dir:str|os.PathLike|None=None, # back up every epoch here; a new run with the same arguments resumes (lesson 8)
                        delete_backup:bool=True,  # delete the backup when training ends (minlstm_train: once the model is saved)
                        verbose='auto',           # Keras fit's verbosity: "auto", 0, 1 or 2
-                      )->LanguageModel:
+                       **kwargs)->LanguageModel:
     "Train a next-token model on `text` (or streamed `files`) with Keras `fit`; returns a `LanguageModel`."
+    s = Settings.of(settings, **kwargs)
     _check_fit_args(**locals())                           # every argument, by name, before anything is built
-    seed = 0 if seed is None else check_int('seed', seed, 0)
-    tokenizer, data, steps, val, batch_size = _training_data(text, files, tokenizer, level, seq_length, batch_size,
-                                                             validation_split, max_tokens, errors, shuffle_buffer, epochs, seed)
-    config = dict(cell=cell, level=tokenizer.level, seq_length=seq_length, units=units, embedding_dim=embedding_dim, depth=depth,
-                  expansion_factor=expansion_factor, batch_size=batch_size, learning_rate=learning_rate, seed=seed, epochs=epochs)
+    tokenizer, data, steps, val, s = _training_data(text, files, tokenizer, s, max_tokens, errors, shuffle_buffer)
     strategy = strategy or tf.distribute.get_strategy()
-    fresh = lambda: build_model(tokenizer.vocab_size, cell, units, embedding_dim, depth, expansion_factor)   # what these arguments make
+    fresh = lambda: build_model(tokenizer.vocab_size, s.cell, s.units, s.embedding_dim, s.depth, s.expansion_factor)
     run = RunFiles()
     if checkpoint_dir is not None:
-        run = from_checkpoints(checkpoint_dir, resume, epochs, tokenizer, checkpoint_every or max(1, epochs // 10),
+        run = from_checkpoints(checkpoint_dir, resume, s, tokenizer, checkpoint_every or max(1, s.epochs // 10),
                                keep_checkpoints, fresh, strategy)
-    if backup_dir is not None: run = from_backup(_backup_dir(backup_dir, strategy), epochs, tokenizer, delete_backup)
-    if resume or backup_dir is not None: config['resumed_from_epoch'] = run.epoch
-    keras.utils.set_random_seed(seed)
-    model = run.model if run.model is not None else _new_model(fresh, learning_rate, strategy, run.backup)
+    if backup_dir is not None: run = from_backup(_backup_dir(backup_dir, strategy), s, tokenizer, delete_backup)
+    keras.utils.set_random_seed(s.seed)
+    model = run.model if run.model is not None else _new_model(fresh, s.learning_rate, strategy, run.backup)
     for write in run.writes: write()                      # once every file the run needs has been checked
-    history = _fit(model, data, run.epoch, epochs, steps, val, list(callbacks or []) + run.callbacks, strategy, verbose)
-    return LanguageModel(model, tokenizer, seq_length, config, _whole_history(history, run.earlier))
-
+    history = _fit(model, data, run.epoch, s.epochs, steps, val, list(callbacks or []) + run.callbacks, strategy, verbose)
+    resumed = run.epoch if resume or backup_dir is not None else None
+    return LanguageModel(model, tokenizer, s, _whole_history(history, run.earlier), resumed)
 
 # %% ../nbs/04_training.ipynb #86a61173
 def _duration(s:float)->str:
@@ -299,22 +279,16 @@ def _interrupted(out, checkpoint_every, resume, backup_dir)->str:
     return 'nothing was saved (with --checkpoint_every N, an interrupted run can be continued)'
 
 
-# %% ../nbs/04_training.ipynb #tr0cmd02
-def _fit_settings(**given)->dict:
-    "`fit_language_model`'s keyword arguments: its defaults, with `given` over them; an unknown name is a `TypeError`."
-    defaults = {n: p.default for n, p in inspect.signature(fit_language_model).parameters.items() if p.kind == p.KEYWORD_ONLY}
-    if unknown := sorted(set(given) - set(defaults)): raise TypeError(f'unknown setting(s): {", ".join(unknown)}')
-    return {**defaults, **given}
-
 # %% ../nbs/04_training.ipynb #tr0cmd02s1
+@takes_settings
 def train_main(file=None, out='minlstm_model', *, checkpoint_every=None, resume=False, keep_checkpoints=None,
-               backup_dir=None, quiet=False, progress='auto', print=print, **settings):
-    "What `minlstm_train` does, callable from Python: `settings` are `fit_language_model`'s. Returns the `LanguageModel`."
-    settings = {'seed': 0, **settings}                   # the command's default seed
-    s = _fit_settings(**settings)
+               backup_dir=None, quiet=False, progress='auto', print=print, **kwargs):
+    "What `minlstm_train` does, callable from Python, with the `Settings` by name. Returns the `LanguageModel`."
+    s = Settings.of(**kwargs)
     many = file is not None and (Path(file).is_dir() or any(c in str(file) for c in '*?['))   # a directory or a glob: streamed
     text = None if many else sample_text() if file is None else read_text(file)
-    _check_fit_args(text or '', **{**s, 'checkpoint_every': checkpoint_every, 'keep_checkpoints': keep_checkpoints})
+    for name, v in (('checkpoint_every', checkpoint_every), ('keep_checkpoints', keep_checkpoints)):
+        if v is not None: check_int(name, v)
     if progress not in PROGRESS: raise ValueError(f'progress must be one of {", ".join(PROGRESS)}, not {progress!r}')
     if keep_checkpoints is not None and not (checkpoint_every or resume):
         raise ValueError('keep_checkpoints needs checkpoints: give checkpoint_every too')
@@ -325,42 +299,32 @@ def train_main(file=None, out='minlstm_model', *, checkpoint_every=None, resume=
         if resume: start = latest_checkpoint(out/'checkpoints')[0]
         elif backup_dir is not None and Path(backup_dir).is_dir(): start = latest_backup(backup_dir)[0]
         source = f'the {kind} of epoch {start} in {out/"checkpoints" if resume else backup_dir}'
-        if start > s['epochs']: raise past_epochs('latest checkpoint' if resume else 'backup', out/'checkpoints' if resume else backup_dir, start, s['epochs'])
+        if start > s.epochs: raise past_epochs('latest checkpoint' if resume else 'backup', out/'checkpoints' if resume else backup_dir, start, s.epochs)
         say = (lambda *a, **k: None) if quiet else print
         size = f'{len(text_files(file))} files' if many else f'{len(text):,} characters'
-        say(f'training {s["cell"]} on {"the built-in article" if file is None else file}: {size}, {s["level"]} level, '
-            f'{s["seq_length"]}-{s["level"]} windows, {s["epochs"]} epochs, seed {s["seed"]}')
+        say(f'training {s.cell} on {"the built-in article" if file is None else file}: {size}, {s.level} level, '
+            f'{s.seq_length}-{s.level} windows, {s.epochs} epochs, seed {s.seed}')
         if resume and not start: say(f'no checkpoint in {out/"checkpoints"} yet: training from the start')
-        if start: say(f'resuming from {source}: {s["epochs"] - start} epochs to go')
+        if start: say(f'resuming from {source}: {s.epochs - start} epochs to go')
         remove_stale_temps(out)
         ckpt = (dict(checkpoint_dir=out/'checkpoints', checkpoint_every=checkpoint_every, resume=resume, keep_checkpoints=keep_checkpoints)
                 if (checkpoint_every or resume) else {})
         with _CtrlC() as ctrl_c:
             lm = fit_language_model(text, files=file if many else None, backup_dir=backup_dir, delete_backup=False, verbose=0,
                                     callbacks=[ctrl_c] + ([] if quiet or progress == 'none' else [_Progress(progress, print)]),
-                                    **ckpt, **settings)
+                                    settings=s, **ckpt)
         path = lm.save(out/MODEL_FILE)
         if backup_dir is not None: shutil.rmtree(backup_dir, ignore_errors=True)   # only now: a kill in the save above resumes from it
         h = lm.history.history
-        print(f'final loss {h["loss"][-1]:.4f}, accuracy {h["accuracy"][-1]:.4f} after {s["epochs"]} epochs'
+        print(f'final loss {h["loss"][-1]:.4f}, accuracy {h["accuracy"][-1]:.4f} after {s.epochs} epochs'
               f'{f" (resumed from the {kind} of epoch {start})" if start else ""}; saved {path}')
     return lm
 
 # %% ../nbs/04_training.ipynb #tr0cmd03
 @call_parse
+@takes_settings                                # its flags: the options below, then every setting
 def minlstm_train(file:str=None,               # a UTF-8 text file, or a directory or glob of them (streamed) (default: the built-in article)
                   out:str='minlstm_model',     # output directory: model.minlstm (and checkpoints/) go here
-                  epochs:int=500,              # passes over the text
-                  cell:str='minlstm',          # minlstm, mingru, lstm or gru
-                  level:str='word',            # word or char
-                  seq_length:int=3,            # tokens of context
-                  units:int=10,                # recurrent state size
-                  embedding_dim:int=8,         # embedding size
-                  depth:int=1,                 # residual blocks (1: the plain model)
-                  batch_size:int=None,         # windows per batch (default: all, up to 1024)
-                  learning_rate:float=0.01,    # Adam's learning rate
-                  validation_split:float=0.0,  # share of the text held out for validation
-                  seed:int=0,                  # random seed: same seed, same model
                   checkpoint_every:int=None,   # write OUT/checkpoints/epoch-NNNN.keras every this many epochs
                   resume:store_true=False,      # continue from the latest checkpoint in OUT/checkpoints
                   quiet:store_true=False,       # print only the final line
@@ -368,10 +332,10 @@ def minlstm_train(file:str=None,               # a UTF-8 text file, or a directo
                   backup_dir:str=None,         # back up every epoch here; run the same command again to resume after a crash
                   keep_checkpoints:int=None,   # keep only the newest N checkpoints (default: all)
                   verbose:store_true=False, # show TensorFlow's own log lines on stderr (also: MINLSTM_NB_VERBOSE=1)
-                 ):
+                  **kwargs):
     "Train a next-word (or next-character) model and save it to OUT/model.minlstm."
-    flags = {k: v for k, v in locals().items() if k != 'verbose'}   # every flag, by name (verbose: the console's, read at start)
-    try: train_main(**flags)
+    flags = {k: v for k, v in locals().items() if k not in ('verbose', 'kwargs')}   # (verbose: the console's, read at start)
+    try: train_main(**flags, **kwargs)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f'minlstm_train: error: {e}', file=sys.stderr); sys.exit(2)
     except FolderInUse as e:

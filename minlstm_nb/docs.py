@@ -4,15 +4,15 @@
 
 # %% auto #0
 __all__ = ['clean_markdown', 'terminal_outputs', 'tidy_card', 'offline_cells', 'package_modules', 'WebsiteCards', 'sidebar_pages',
-           'build_docs', 'check_docs', 'minlstm_docs']
+           'build_docs', 'minlstm_docs']
 
 # %% ../nbs/90_docs.ipynb #bc0ba892
 import os, re, copy, html, shutil, tempfile
 from pathlib import Path
-from html.parser import HTMLParser
 from fastcore.script import call_parse, store_true
 from .console import import_quietly
-from .mathml import tex_to_mathml, MATH_FUNCTIONS
+from .mathml import tex_to_mathml
+from .pagecheck import check_docs
 
 
 # %% ../nbs/90_docs.ipynb #30491a3a
@@ -222,9 +222,6 @@ class WebsiteCards:
         self.nb.cells = _cards_in_order(self.nb.cells)
 
 # %% ../nbs/90_docs.ipynb #2ff69fb9
-_SCROLL = '.jp-InputArea-editor { overflow-x: auto !important; }'   # a long code line scrolls, never cut
-_MATH_FONT = ('math { font-family: "Latin Modern Math", "STIX Two Math", "Cambria Math", '
-              '"DejaVu Math TeX Gyre", math; }')         # a font with a math table: display sizes
 _TEMPLATE = r"""{%- extends 'lab/index.html.j2' -%}
 {%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
 {%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
@@ -322,98 +319,6 @@ def build_docs(out='_docs_lite'): # directory for the pages (replaced only when 
     finally:
         if tmp.exists(): shutil.rmtree(tmp)
     return [out/pages[nb] for _, nb in order]
-
-# %% ../nbs/90_docs.ipynb #76f2c998
-class _Page(HTMLParser):
-    "What a reader sees of a page (text outside code, math, styles and scripts), its anchors and its links."
-    def __init__(self):
-        super().__init__(); self.text, self.ids, self.links, self._skip = [], set(), [], 0
-    def handle_starttag(self, tag, attrs):
-        a = dict(attrs)
-        if a.get('id'): self.ids.add(a['id'])
-        if tag == 'a' and a.get('href'): self.links.append(a['href'])
-        if tag in ('pre', 'code', 'math', 'style', 'script'): self._skip += 1
-    def handle_endtag(self, tag):
-        if tag in ('pre', 'code', 'math', 'style', 'script'): self._skip = max(0, self._skip - 1)
-    def handle_data(self, data):
-        if not self._skip: self.text.append(data)
-
-_SHOWN = {'a Quarto directive': re.compile(r'^\s*#\|', re.M), 'front matter': re.compile(r'^\s*(output-file|title|description):', re.M),
-          'a link attribute': re.compile(r'\{target=|\{\.'), 'raw TeX': re.compile(r'\$[^$\n]*[\\^_{}][^$\n]*\$|\\(frac|sigma|odot|tilde|text)\b'),
-          'a show_doc call': re.compile(r'show_doc\(')}
-
-# %% ../nbs/90_docs.ipynb #720cd3cb
-_INPUT = re.compile(r'jp-InputArea-editor"[^>]*>\s*<div class="cm-editor[^"]*">\s*<div class="highlight[^"]*"><pre>(.*?)</pre>', re.S)
-
-_CARD = re.compile(r'</h3>\s*<div class="highlight"><pre>(.*?)</pre>', re.S)
-
-_BOX = 110                              # characters a code box shows at 1280 px
-
-def _plain(h): return html.unescape(re.sub(r'<[^>]+>', '', h))
-
-def _code_problems(name, h):
-    "Code cut off at the right edge of a box that cannot scroll; cards that show a class as a function or a default's type."
-    problems = []
-    if _SCROLL not in h:
-        cut = [l for b in _INPUT.findall(h) for l in _plain(b).split('\n') if len(l) > _BOX]
-        if cut: problems.append(f'{name}: {len(cut)} code lines cut off at the right edge (over {_BOX} characters, '
-                                f'in a box that does not scroll): {cut[0][:50]!r}...')
-    for b in _CARD.findall(h):
-        sig = '\n'.join(re.sub(r'\s#.*', '', l) for l in _plain(b).split('\n'))    # comments are docs, not types
-        head = sig.split('(')[0]
-        if re.match(r'def [A-Z]', sig): problems.append(f'{name}: a class card shown as a function: {head!r}')
-        if (m := re.search(r':\s*(NoneType|store_true|builtin_function_or_method|\w+(?:\.\w+){2,})\b', sig)):
-            problems.append(f'{name}: the card {head!r} shows {m[1]!r} as a type')
-    return problems
-
-_TEMP = re.compile(r'(?:[/\\][\w.-]+)*?[/\\]tmp[a-z0-9_]{8}(?![a-z0-9_])')   # a folder Python's tempfile made
-
-_GLUED = re.compile(r'(?<!<msub>)(?<!<msup>)<mi>(' + '|'.join(sorted(MATH_FUNCTIONS))   # not log in log_2, nor
-                    + r')</mi>(?!<mo>\u2061|</)')                                        # a name alone: $\tanh$
-
-_LOST = re.compile(r'<math\b(?:(?!</math>).)*?<(em|strong)>', re.S)   # markdown's emphasis inside a formula
-
-# %% ../nbs/90_docs.ipynb #720cd3cbs1
-def _output_problems(name, h):
-    "A temporary folder's path in the page; math typeset without TeX's spacing, or without a math font."
-    problems = []
-    if (m := _TEMP.search(_plain(h))):              # its random name left out: this page would show it
-        problems.append(f'{name}: shows a temporary folder: {m.group(0)[:-8]!r} and 8 random characters')
-    if (m := _GLUED.search(h)): problems.append(f'{name}: a function name glued to its argument: {m[1]!r}')
-    if re.search(r'<mn>\d+</mn><mrow><mo>,</mo></mrow><mn>\d{3}</mn>', h):
-        problems.append(f'{name}: a thousands separator spaced as a list comma')
-    if (m := _LOST.search(h)): problems.append(f'{name}: a formula lost its * or _ to markdown (<{m[1]}> inside <math>)')
-    if '<math' in h and _MATH_FONT not in h:
-        problems.append(f'{name}: math without a math font (display sums and brackets drawn small)')
-    return problems
-
-# %% ../nbs/90_docs.ipynb #720cd3cbs2
-def check_docs(out='_docs_lite'):
-    "Problems a reader would meet in the built pages: raw directives, front matter or TeX shown, links that lead nowhere."
-    out, problems, seen = Path(out), [], {}
-    files = sorted(out.glob('*.html'))
-    if not files: return [f'no HTML pages in {out}']
-    for f in files:
-        h = f.read_text(encoding='utf-8')
-        p = _Page(); p.feed(h); seen[f.name] = p
-        text = '\n'.join(p.text)
-        problems += [f'{f.name}: shows {what}: {m.group(0)!r}' for what, rx in _SHOWN.items()
-                     if (m := rx.search(text))]
-        if '<title>' not in h or '<h1' not in h: problems.append(f'{f.name}: no title')
-        problems += _code_problems(f.name, h)
-        problems += _output_problems(f.name, h)
-        if re.search(r'<(script|link)[^>]+(src|href)="https?://', h):
-            problems.append(f'{f.name}: loads a script or style from the network')
-    for f, p in seen.items():
-        for href in p.links:
-            if href.endswith('#LNone'): problems.append(f'{f}: a source link without its line (#LNone)')
-            if re.match(r'[a-z]+:', href): continue                      # http(s), mailto: outside this build
-            page, _, frag = href.partition('#')
-            target = seen.get(page or f)
-            if target is None: problems.append(f'{f}: dead link {href!r} (no page {page})')
-            elif frag and frag not in target.ids:
-                problems.append(f'{f}: dead link {href!r} (no anchor #{frag} in {page or f})')
-    return problems
 
 # %% ../nbs/90_docs.ipynb #5096e0b3
 @call_parse

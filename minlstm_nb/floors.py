@@ -20,7 +20,7 @@ FLOORS = {  # floor -> (what it holds, its modules)
     5: ('the language model, training across processes, training, checkpoints, prediction',
         ('model', 'scale', 'checkpoints', 'training', 'prediction')),
     6: ('the experiments', ('benchmark', 'device_bench', 'selective_copy', 'lm_compare', 'lm_report', 'forecast', 'faults')),
-    7: ('the commands and the docs tooling', ('cli', 'mathml', 'docs', 'floors')),
+    7: ('the commands and the docs tooling', ('cli', 'mathml', 'pagecheck', 'docs', 'floors')),
 }
 FLOOR = {m: f for f, (_, mods) in FLOORS.items() for m in mods}
 

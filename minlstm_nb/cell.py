@@ -9,6 +9,7 @@ __all__ = ['BACKENDS', 'scan_dtype', 'MinGRUCell', 'MinLSTMCell', 'gate_scan', '
 # %% ../nbs/03d_layers.ipynb #01ae3679
 import numpy as np
 import keras
+from fastcore.basics import patch
 from keras import ops
 from .checks import check_int, check_rate
 from .dropin import NOT_APPLICABLE, SUPPORTED, refuse_inapplicable, argument_table
@@ -219,139 +220,156 @@ class _MinRNN(keras.layers.Layer):
         # stateful: a Variable kept out of the weights, as Keras' RNN does
         object.__setattr__(self, '_state', None)
 
-    def build(self, input_shape):
-        if len(input_shape) != 3:
-            raise ValueError(f'{self.name} expects inputs of shape (batch, time, features), got {input_shape}')
-        self.cell.build(input_shape)
-        if self.to_out is not None: self.to_out.build(tuple(input_shape[:-1]) + (self.state_units,))
-        if self.stateful and self._state is None:
-            if input_shape[0] is None:
-                raise ValueError(f'{self.name} is stateful, so it needs a fixed batch size (its state holds '
-                                 f'one row per sequence): give it, e.g. keras.Input(shape, batch_size=32); '
-                                 f'got inputs {tuple(input_shape)}')
-            object.__setattr__(self, '_state', keras.Variable(
-                np.zeros((input_shape[0], self.state_units)), dtype=scan_dtype(self.compute_dtype),
-                trainable=False,
-                name='state'))
-        self.built = True
+# %% ../nbs/03d_layers.ipynb #8dd90bafp2
+@patch
+def build(self:_MinRNN, input_shape):
+    if len(input_shape) != 3:
+        raise ValueError(f'{self.name} expects inputs of shape (batch, time, features), got {input_shape}')
+    self.cell.build(input_shape)
+    if self.to_out is not None: self.to_out.build(tuple(input_shape[:-1]) + (self.state_units,))
+    if self.stateful and self._state is None:
+        if input_shape[0] is None:
+            raise ValueError(f'{self.name} is stateful, so it needs a fixed batch size (its state holds '
+                             f'one row per sequence): give it, e.g. keras.Input(shape, batch_size=32); '
+                             f'got inputs {tuple(input_shape)}')
+        object.__setattr__(self, '_state', keras.Variable(
+            np.zeros((input_shape[0], self.state_units)), dtype=scan_dtype(self.compute_dtype),
+            trainable=False,
+            name='state'))
+    self.built = True
 
-    # The carried state is a variable of the layer (so fit and predict carry it under jit, on every backend)
-    # but not one of its weights: get_weights/set_weights see the projections only, as for Keras' LSTM.
-    @property
-    def variables(self): return super().variables + ([self._state] if self._state is not None else [])
+@patch(as_prop=True)
+def variables(self:_MinRNN): return super(_MinRNN, self).variables + ([self._state] if self._state is not None else [])
 
-    @property
-    def states(self):
-        "The carried state (a list of one Variable) of a stateful layer, else None, as in Keras' RNN layers."
-        return None if self._state is None else [self._state]
+@patch(as_prop=True)
+def states(self:_MinRNN):
+    "The carried state (a list of one Variable) of a stateful layer, else None, as in Keras' RNN layers."
+    return None if self._state is None else [self._state]
 
-    def reset_state(self, states=None):
-        "Zero the carried state (or set it to `states`, `(batch, units * expansion_factor)`)."
-        if not self.stateful: raise AttributeError(f'{self.name} is not stateful: there is no state to reset')
-        if self._state is None: return             # not built yet: it will start from zeros
-        value = np.zeros(self._state.shape) if states is None else self._start(states)
-        value = ops.convert_to_tensor(value)
-        if tuple(value.shape) != tuple(self._state.shape):
-            raise ValueError(f'{self.name} carries a state of shape {tuple(self._state.shape)}, got '
-                             f'{tuple(value.shape)}')
-        self._state.assign(ops.cast(value, self._state.dtype))
+# %% ../nbs/03d_layers.ipynb #8dd90bafp4
+@patch
+def reset_state(self:_MinRNN, states=None):
+    "Zero the carried state (or set it to `states`, `(batch, units * expansion_factor)`)."
+    if not self.stateful: raise AttributeError(f'{self.name} is not stateful: there is no state to reset')
+    if self._state is None: return             # not built yet: it will start from zeros
+    value = np.zeros(self._state.shape) if states is None else self._start(states)
+    value = ops.convert_to_tensor(value)
+    if tuple(value.shape) != tuple(self._state.shape):
+        raise ValueError(f'{self.name} carries a state of shape {tuple(self._state.shape)}, got '
+                         f'{tuple(value.shape)}')
+    self._state.assign(ops.cast(value, self._state.dtype))
 
-    def reset_states(self, states=None): self.reset_state(states)   # Keras' older name
+@patch
+def reset_states(self:_MinRNN, states=None): self.reset_state(states)   # Keras' older name
 
-    def get_initial_state(self, batch_size):
-        "Zero states as `initial_state` takes them: `[h]` (minGRU) or `[h, c]` (minLSTM), each `(batch_size, state_units)`."
-        if not isinstance(batch_size, (int, np.integer)): batch_size = ops.shape(batch_size)[0]  # Keras 2: a batch
-        return [ops.zeros((batch_size, self.state_units), self.compute_dtype) for _ in self.state_names]
+@patch
+def get_initial_state(self:_MinRNN, batch_size):
+    "Zero states as `initial_state` takes them: `[h]` (minGRU) or `[h, c]` (minLSTM), each `(batch_size, state_units)`."
+    if not isinstance(batch_size, (int, np.integer)): batch_size = ops.shape(batch_size)[0]  # Keras 2: a batch
+    return [ops.zeros((batch_size, self.state_units), self.compute_dtype) for _ in self.state_names]
 
-    def _start(self, states):
-        "The one state the scan starts from, out of `initial_state` as Keras' RNN layers take it."
-        if states is None: return None
-        states = list(states) if isinstance(states, (list, tuple)) else [states]
-        kind, names = type(self).__name__, ', '.join(self.state_names)
-        if len(states) not in (1, len(self.state_names)):
-            raise ValueError(f'{kind} carries one state: initial_state takes [{names}]'
-                             + (' (c equal to h) or [h]' if len(self.state_names) > 1 else ' (or the tensor h)')
-                             + f', got {len(states)} states')
-        if len(states) == 2 and _differ(*states):
-            raise ValueError(f"{kind}'s memory c is its hidden state h, so initial_state [h, c] needs h equal to "
-                             f"c (as return_state gives them); these differ. Pass [c] to start from c alone")
-        return states[-1]
+# %% ../nbs/03d_layers.ipynb #8dd90bafp6
+@patch
+def _start(self:_MinRNN, states):
+    "The one state the scan starts from, out of `initial_state` as Keras' RNN layers take it."
+    if states is None: return None
+    states = list(states) if isinstance(states, (list, tuple)) else [states]
+    kind, names = type(self).__name__, ', '.join(self.state_names)
+    if len(states) not in (1, len(self.state_names)):
+        raise ValueError(f'{kind} carries one state: initial_state takes [{names}]'
+                         + (' (c equal to h) or [h]' if len(self.state_names) > 1 else ' (or the tensor h)')
+                         + f', got {len(states)} states')
+    if len(states) == 2 and _differ(*states):
+        raise ValueError(f"{kind}'s memory c is its hidden state h, so initial_state [h, c] needs h equal to "
+                         f"c (as return_state gives them); these differ. Pass [c] to start from c alone")
+    return states[-1]
 
-    def save_own_variables(self, store):           # the carried state travels in the .keras file
-        super().save_own_variables(store)
-        if self._state is not None: store['state'] = self._state
+@patch
+def save_own_variables(self:_MinRNN, store):           # the carried state travels in the .keras file
+    super(_MinRNN, self).save_own_variables(store)
+    if self._state is not None: store['state'] = self._state
 
-    def load_own_variables(self, store):           # a file saved with or without a state loads either way
-        if 'state' in store.keys() and self._state is not None and tuple(store['state'].shape) == tuple(self._state.shape):
-            self._state.assign(store['state'])
-        super().load_own_variables({k: store[k] for k in store.keys() if k != 'state'})
+@patch
+def load_own_variables(self:_MinRNN, store):           # a file saved with or without a state loads either way
+    if 'state' in store.keys() and self._state is not None and tuple(store['state'].shape) == tuple(self._state.shape):
+        self._state.assign(store['state'])
+    super(_MinRNN, self).load_own_variables({k: store[k] for k in store.keys() if k != 'state'})
 
-    def dropout_mask(self, inputs):
-        "Keras' input dropout for RNNs: one mask per sequence, `(batch, features)`, used at every step."
-        return keras.random.dropout(ops.ones_like(inputs[:, 0]), self.dropout, seed=self.seed_generator)
+# %% ../nbs/03d_layers.ipynb #8dd90bafp8
+@patch
+def dropout_mask(self:_MinRNN, inputs):
+    "Keras' input dropout for RNNs: one mask per sequence, `(batch, features)`, used at every step."
+    return keras.random.dropout(ops.ones_like(inputs[:, 0]), self.dropout, seed=self.seed_generator)
 
-    def all_states(self, inputs, initial_state=None, mask=None):
-        "Every step's state, in the scan's dtype (float32 under mixed precision)."
-        dtype = scan_dtype(self.compute_dtype)
-        h0 = None if initial_state is None else ops.cast(initial_state, dtype)
-        dense = [getattr(self.cell, name) for name in self.cell.projections]
-        if self.mode == 'parallel':                # gates and scan fused, with their gradient written out
-            ks = [ops.cast(ops.matmul(inputs, d.kernel), dtype) for d in dense]
-            biases = [ops.cast(d.bias, dtype) for d in dense] if self.cell.use_bias else None
-            return min_rnn_scan(ks, h0, mask, self.backend, biases=biases)
-        log_a, log_b = self.cell.log_coefficients(inputs)        # the step loop
-        a, b = ops.exp(log_a), ops.exp(log_b)
-        if mask is not None:                       # a masked step keeps the state: a = 1, b = 0
-            m = ops.cast(mask, 'bool')[:, :, None]
-            a, b = ops.where(m, a, ops.ones_like(a)), ops.where(m, b, ops.zeros_like(b))
-        return step_scan(a, b, ops.zeros_like(a[:, 0]) if h0 is None else h0)
+@patch
+def all_states(self:_MinRNN, inputs, initial_state=None, mask=None):
+    "Every step's state, in the scan's dtype (float32 under mixed precision)."
+    dtype = scan_dtype(self.compute_dtype)
+    h0 = None if initial_state is None else ops.cast(initial_state, dtype)
+    dense = [getattr(self.cell, name) for name in self.cell.projections]
+    if self.mode == 'parallel':                # gates and scan fused, with their gradient written out
+        ks = [ops.cast(ops.matmul(inputs, d.kernel), dtype) for d in dense]
+        biases = [ops.cast(d.bias, dtype) for d in dense] if self.cell.use_bias else None
+        return min_rnn_scan(ks, h0, mask, self.backend, biases=biases)
+    log_a, log_b = self.cell.log_coefficients(inputs)        # the step loop
+    a, b = ops.exp(log_a), ops.exp(log_b)
+    if mask is not None:                       # a masked step keeps the state: a = 1, b = 0
+        m = ops.cast(mask, 'bool')[:, :, None]
+        a, b = ops.where(m, a, ops.ones_like(a)), ops.where(m, b, ops.zeros_like(b))
+    return step_scan(a, b, ops.zeros_like(a[:, 0]) if h0 is None else h0)
 
-    def call(self, inputs, initial_state=None, mask=None, training=None):
-        initial_state = self._start(initial_state)
-        if initial_state is not None:
-            initial_state = ops.convert_to_tensor(initial_state)
-            s = tuple(initial_state.shape)
-            if len(s) != 2 or s[-1] not in (None, self.state_units):
-                raise ValueError(f'the initial state has shape {s}, but {self.name} needs (batch, '
-                                 f'{self.state_units})')
-        if self._state is not None:
-            if inputs.shape[0] is not None and inputs.shape[0] != self._state.shape[0]:
-                raise ValueError(f'{self.name} is stateful with batch size {self._state.shape[0]}, got a '
-                                 f'batch of '
-                                 f'{inputs.shape[0]} (batch the data with drop_remainder=True)')
-            if initial_state is None:
-                initial_state = ops.copy(self._state.value)   # a copy: torch assigns in place
-        if training and self.dropout: inputs = inputs*self.dropout_mask(inputs)[:, None]
-        if self.go_backwards:                      # read the sequence from its end, as Keras' RNN layers do
-            inputs = ops.flip(inputs, 1)
-            if mask is not None: mask = ops.flip(mask, 1)
-        h = self.all_states(inputs, initial_state, mask)
-        if self._state is not None: self._state.assign(ops.cast(h[:, -1], self._state.dtype))
-        h = ops.cast(h, self.compute_dtype)
-        last = h[:, -1]
-        out = h if self.return_sequences else last
-        if self.zero_output_for_mask and self.return_sequences and mask is not None:   # set by Bidirectional
-            out = ops.where(ops.cast(mask, 'bool')[:, :, None], out, ops.zeros_like(out))
-        if self.to_out is not None: out = self.to_out(out)
-        return [out] + [last]*len(self.state_names) if self.return_state else out
+# %% ../nbs/03d_layers.ipynb #8dd90bafp10
+@patch
+def call(self:_MinRNN, inputs, initial_state=None, mask=None, training=None):
+    initial_state = self._start(initial_state)
+    if initial_state is not None:
+        initial_state = ops.convert_to_tensor(initial_state)
+        s = tuple(initial_state.shape)
+        if len(s) != 2 or s[-1] not in (None, self.state_units):
+            raise ValueError(f'the initial state has shape {s}, but {self.name} needs (batch, '
+                             f'{self.state_units})')
+    if self._state is not None:
+        if inputs.shape[0] is not None and inputs.shape[0] != self._state.shape[0]:
+            raise ValueError(f'{self.name} is stateful with batch size {self._state.shape[0]}, got a '
+                             f'batch of '
+                             f'{inputs.shape[0]} (batch the data with drop_remainder=True)')
+        if initial_state is None:
+            initial_state = ops.copy(self._state.value)   # a copy: torch assigns in place
+    if training and self.dropout: inputs = inputs*self.dropout_mask(inputs)[:, None]
+    if self.go_backwards:                      # read the sequence from its end, as Keras' RNN layers do
+        inputs = ops.flip(inputs, 1)
+        if mask is not None: mask = ops.flip(mask, 1)
+    h = self.all_states(inputs, initial_state, mask)
+    if self._state is not None: self._state.assign(ops.cast(h[:, -1], self._state.dtype))
+    h = ops.cast(h, self.compute_dtype)
+    last = h[:, -1]
+    out = h if self.return_sequences else last
+    if self.zero_output_for_mask and self.return_sequences and mask is not None:   # set by Bidirectional
+        out = ops.where(ops.cast(mask, 'bool')[:, :, None], out, ops.zeros_like(out))
+    if self.to_out is not None: out = self.to_out(out)
+    return [out] + [last]*len(self.state_names) if self.return_state else out
 
-    def compute_output_shape(self, input_shape):
-        out = (input_shape[0], input_shape[1], self.units) if self.return_sequences else (input_shape[0],
-                                                                                          self.units)
-        return (out,) + ((input_shape[0], self.state_units),)*len(self.state_names) if self.return_state else out
+# %% ../nbs/03d_layers.ipynb #8dd90bafp11
+@patch
+def compute_output_shape(self:_MinRNN, input_shape):
+    out = (input_shape[0], input_shape[1], self.units) if self.return_sequences else (input_shape[0],
+                                                                                      self.units)
+    return (out,) + ((input_shape[0], self.state_units),)*len(self.state_names) if self.return_state else out
 
-    def compute_mask(self, inputs, mask=None):
-        out_mask = mask if self.return_sequences else None
-        return [out_mask] + [None]*len(self.state_names) if self.return_state else out_mask
+@patch
+def compute_mask(self:_MinRNN, inputs, mask=None):
+    out_mask = mask if self.return_sequences else None
+    return [out_mask] + [None]*len(self.state_names) if self.return_state else out_mask
 
-    def get_config(self):
-        cell = self.cell.get_config()
-        return {**super().get_config(), 'units': self.units, 'return_sequences': self.return_sequences,
-                'return_state': self.return_state, 'go_backwards': self.go_backwards,
-                'stateful': self.stateful,
-                'mode': self.mode, 'expansion_factor': self.expansion_factor, 'backend': self.backend,
-                'zero_output_for_mask': self.zero_output_for_mask, 'dropout': self.dropout, 'seed': self.seed,
-                **{a: cell[a] for a in self.cell_class.arguments()}}
+@patch
+def get_config(self:_MinRNN):
+    cell = self.cell.get_config()
+    return {**super(_MinRNN, self).get_config(), 'units': self.units, 'return_sequences': self.return_sequences,
+            'return_state': self.return_state, 'go_backwards': self.go_backwards,
+            'stateful': self.stateful,
+            'mode': self.mode, 'expansion_factor': self.expansion_factor, 'backend': self.backend,
+            'zero_output_for_mask': self.zero_output_for_mask, 'dropout': self.dropout, 'seed': self.seed,
+            **{a: cell[a] for a in self.cell_class.arguments()}}
 
 # %% ../nbs/03d_layers.ipynb #8dd90bafs2
 for _a in MinLSTMCell.arguments():               # the cell's arguments read as the layer's, as in Keras' LSTM

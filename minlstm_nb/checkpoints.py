@@ -211,7 +211,9 @@ def check_same_model(loaded, fresh, path):
 
 
 # %% ../nbs/04a_checkpoints.ipynb #cp0set02
-def check_settings(path, settings:Settings, what):
+def check_settings(path,               # the settings.json of a run's directory
+                   settings:Settings,  # the resumed run's
+                   what:str):          # "checkpoints" or "backups", for the message
     "Refuse to resume from checkpoints or backups made with other settings (`path`, their settings.json), epochs aside."
     path = Path(path)
     if not path.exists(): return                 # a directory from before runs kept their settings

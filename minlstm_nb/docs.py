@@ -109,7 +109,10 @@ def tidy_card(md,       # a card as nbdev's show_doc writes it (markdown)
               obj=None, # the function or class it documents, when known
              ):         # the card as Keras' API pages write one
     "`class` for a class, only the parameters' own annotations (short names), docstring sections as lists and code."
-    import inspect
+    import inspect, dataclasses
+    if dataclasses.is_dataclass(obj) and inspect.isclass(obj):   # a dataclass defined in a notebook has no source for
+        from nbdev.showdoc import BasicMarkdownRenderer            # its fields' comments; the module's class has
+        md = BasicMarkdownRenderer(obj)._repr_markdown_()
     md = re.sub(r'(\w+):(\w+) <([^<>\n]*)>(=[^,\n]*)?, ',                  # fastcore's Param(help, type): a line of
                 lambda k: f"{k[1]}:{k[2]}{k[4] or ''}, # {k[3]}\n    ", md)    # its own, the help as its comment
     if '#LNone' in md:                                                     # nbdev found the file, not the line
@@ -128,7 +131,7 @@ def tidy_card(md,       # a card as nbdev's show_doc writes it (markdown)
                               lambda k: k[1] + (f':{_short(k[2])}' if k[1] in own else ''), code)
             block.append(code + hash_ + comment)
         block = '\n'.join(block)
-        if inspect.isclass(obj): block = re.sub(r'^def ', 'class ', block)
+        if inspect.isclass(obj): block = re.sub(r'^def ', 'class ', block).replace('\n)->None:', '\n):')
         md = md[:m.start(1)] + block + md[m.end(1):]
     return _sections(md)
 
@@ -139,6 +142,9 @@ def _resolve(modules, dotted):
         for part in (dotted or '').split('.'):
             obj = getattr(obj, part, None) if obj is not None and part else None
         if obj is not None: return obj
+
+def _private_card(source)->bool:   # `show_doc(_Base.method)`: a private class's method is not API, so no card
+    return bool(re.search(r'show_doc\(\s*_\w+\.', source))
 
 def _cards_in_order(cells):
     "nbdev puts an exported cell's cards around its code, a hidden cell's reversed: all above the code, in source order."
@@ -175,6 +181,7 @@ def offline_cells(nb, pages, modules=()):  # modules: where the cards' objects m
             continue
         if c.cell_type == 'markdown': c.source = clean_markdown(c.source, pages)
         elif c.cell_type == 'code':
+            if _private_card(c.source): continue
             d, c.source = _directives(c.source)
             c.outputs = terminal_outputs(c.outputs)
             if d.get('output') == 'asis':         # show_doc and friends: their markdown output is the content
@@ -202,12 +209,13 @@ def package_modules(first=None)->list:
     return sorted(mods, key=lambda m: m.__name__ != f'{lib}.{first}')
 
 class WebsiteCards:
-    "An nbdev processor for the website: its `show_doc` cards tidied (`tidy_card`), an exported cell's cards above it in order."
+    "An nbdev processor for the website: its `show_doc` cards tidied (`tidy_card`), an exported cell's cards above it in order, none for a private class's methods."
     def __init__(self, nb): self.nb = nb
     def end(self):
         exp = next((c.directives_['default_exp'][0] for c in self.nb.cells
                     if (getattr(c, 'directives_', None) or {}).get('default_exp')), None)
         modules = package_modules(exp)
+        self.nb.cells = [c for c in self.nb.cells if not (c.cell_type == 'code' and _private_card(c.source))]
         for c in self.nb.cells:
             if c.cell_type != 'code': continue
             name = re.search(r'show_doc\(\s*([\w.]+)', c.source)

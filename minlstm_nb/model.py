@@ -29,12 +29,12 @@ class Settings:
     level:str='word'            # "word" or "char" tokens
     seq_length:int=3            # tokens of context per window
     epochs:int=500              # passes over the windows
-    units:int=10                # recurrent state size (the seed's 10)
-    embedding_dim:int=8         # embedding size (the seed's 8)
+    units:int=10                # recurrent state size
+    embedding_dim:int=8         # embedding size
     depth:int=1                 # > 1: the paper's residual blocks
     expansion_factor:float=1    # min-RNN state width relative to units
-    batch_size:int=None         # windows per batch; None: all of them, up to 1024 (the seed: all)
-    learning_rate:float=0.01    # Adam's learning rate (the seed's 0.01)
+    batch_size:int=None         # windows per batch (None: all, up to 1024)
+    learning_rate:float=0.01    # Adam's learning rate
     validation_split:float=0.0  # share of the text, from its end, held out for validation
     seed:int=0                  # seeds weights and shuffling: same seed, same bits
 
@@ -73,7 +73,7 @@ def read(cls:Settings, d:dict)->Settings:
 
 @patch
 def changed(self:Settings, other:Settings, but=('epochs',))->list:
-    "`name mine -> other's` for each setting, besides `but`, where `other` differs."
+    "`'name old -> new'` (this one's value, then `other`'s) for each setting not in `but` that differs."
     return [f'{f.name} {getattr(self, f.name)!r} -> {getattr(other, f.name)!r}' for f in fields(self)
             if f.name not in but and getattr(self, f.name) != getattr(other, f.name)]
 
@@ -87,8 +87,10 @@ def takes_settings(f):
 # %% ../nbs/05a_model.ipynb #081c62be
 class LanguageModel:
     "A trained next-token model with its tokenizer: `.model`, `.tokenizer`, `.settings`, `.history`, `.resumed_from_epoch`."
-    def __init__(self, model:keras.Model, tokenizer:Tokenizer, settings:Settings|None=None, history=None,
-                 resumed_from_epoch:int|None=None):   # the epoch a resumed run continued from
+    def __init__(self, model:keras.Model, tokenizer:Tokenizer,
+                 settings:Settings|None=None,        # what made it (default: the defaults, at the tokenizer's level)
+                 history=None,                       # a Keras History, or its dict
+                 resumed_from_epoch:int|None=None):  # where a resumed run continued from (None: not resumed)
         self.model, self.tokenizer, self.resumed_from_epoch = model, tokenizer, resumed_from_epoch
         self.settings = settings or Settings(level=tokenizer.level)
         if history is None or isinstance(history, dict):

@@ -37,7 +37,8 @@ class _Page(HTMLParser):
 
 _SHOWN = {'a Quarto directive': re.compile(r'^\s*#\|', re.M), 'front matter': re.compile(r'^\s*(output-file|title|description):', re.M),
           'a link attribute': re.compile(r'\{target=|\{\.'), 'raw TeX': re.compile(r'\$[^$\n]*[\\^_{}][^$\n]*\$|\\(frac|sigma|odot|tilde|text)\b'),
-          'a show_doc call': re.compile(r'show_doc\(')}
+          'a show_doc call': re.compile(r'show_doc\('),
+          'a markdown link': re.compile(r'\]\([\w./#-]+\)')}
 
 # %% ../nbs/90b_pagecheck.ipynb #720cd3cb
 _INPUT = re.compile(r'jp-InputArea-editor"[^>]*>\s*<div class="cm-editor[^"]*">\s*<div class="highlight[^"]*"><pre>(.*?)</pre>', re.S)
@@ -51,7 +52,7 @@ def _code_problems(name, h):
     problems = []
     if SCROLL_CSS not in h:
         cut = [l for b in _INPUT.findall(h) for l in plain_text(b).split('\n') if len(l) > _BOX]
-        if cut: problems.append(f'{name}: {len(cut)} code lines cut off at the right edge (over {_BOX} characters, '
+        if cut: problems.append(f'{name}: {len(cut)} code line{"s" * (len(cut) > 1)} cut off at the right edge (over {_BOX} characters, '
                                 f'in a box that does not scroll): {cut[0][:50]!r}...')
     for b in _CARD.findall(h):
         sig = '\n'.join(re.sub(r'\s#.*', '', l) for l in plain_text(b).split('\n'))    # comments are docs, not types
@@ -83,8 +84,9 @@ def _output_problems(name, h):
     return problems
 
 # %% ../nbs/90b_pagecheck.ipynb #720cd3cbs2
-def check_docs(out='_docs_lite'):
-    "Problems a reader would meet in the built pages: raw directives, front matter or TeX shown, links that lead nowhere."
+def check_docs(out='_docs_lite', # the directory of the built pages
+              )->list:           # the problems, one line each
+    "What a reader would meet in the built pages and should not (the list above), one line per problem and page."
     out, problems, seen = Path(out), [], {}
     files = sorted(out.glob('*.html'))
     if not files: return [f'no HTML pages in {out}']

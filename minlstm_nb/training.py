@@ -161,7 +161,7 @@ def _whole_history(history, earlier):
 # %% ../nbs/04_training.ipynb #1d58796f
 @takes_settings
 def fit_language_model(text:str|None=None,       # the training text (or give files=)
-                       settings:Settings|None=None, # the settings whole (those below, by name, go over them)
+                       settings:Settings|None=None, # a Settings; named ones override it
                        *,
                        callbacks:list|None=None, # more Keras callbacks
                        checkpoint_dir:str|os.PathLike|None=None, # save checkpoints (and the history) here
@@ -174,8 +174,8 @@ def fit_language_model(text:str|None=None,       # the training text (or give fi
                        max_tokens:int|None=None, # cap the vocabulary; the rest map to an oov_token "<unk>"
                        errors:str='strict',      # files: non-UTF-8 bytes are an error, or "replace" / "ignore"
                        shuffle_buffer:int=10_000,# files: windows mixed by the streaming shuffle
-                       backup_dir:str|os.PathLike|None=None, # back up every epoch here; a new run with the same arguments resumes (lesson 8)
-                       delete_backup:bool=True,  # delete the backup when training ends (minlstm_train: once the model is saved)
+                       backup_dir:str|os.PathLike|None=None, # back up every epoch here; the same call again resumes (lesson 8)
+                       delete_backup:bool=True,  # delete the backup when training ends
                        verbose='auto',           # Keras fit's verbosity: "auto", 0, 1 or 2
                        **kwargs)->LanguageModel:
     "Train a next-token model on `text` (or streamed `files`) with Keras `fit`; returns a `LanguageModel`."
@@ -280,11 +280,10 @@ def _interrupted(out, checkpoint_every, resume, backup_dir)->str:
 
 
 # %% ../nbs/04_training.ipynb #tr0cmd02s1
-@takes_settings
 def train_main(file=None, out='minlstm_model', *, checkpoint_every=None, resume=False, keep_checkpoints=None,
-               backup_dir=None, quiet=False, progress='auto', print=print, **kwargs):
+               backup_dir=None, quiet=False, progress='auto', print=print, **settings):
     "What `minlstm_train` does, callable from Python, with the `Settings` by name. Returns the `LanguageModel`."
-    s = Settings.of(**kwargs)
+    s = Settings.of(**settings)
     many = file is not None and (Path(file).is_dir() or any(c in str(file) for c in '*?['))   # a directory or a glob: streamed
     text = None if many else sample_text() if file is None else read_text(file)
     for name, v in (('checkpoint_every', checkpoint_every), ('keep_checkpoints', keep_checkpoints)):

@@ -7,7 +7,7 @@ __all__ = ['PROGRESS', 'build_model', 'epoch_dataset', 'fit_language_model', 'tr
            'MODEL_FILE', 'AtomicCheckpoint', 'HistoryLog', 'latest_backup', 'BackupAndRestore']
 
 # %% ../nbs/04_training.ipynb #45f3c153
-import math, os, shlex, shutil, signal, sys, threading, time
+import gc, math, os, shlex, shutil, signal, sys, threading, time
 from dataclasses import replace
 from pathlib import Path
 import tensorflow as tf
@@ -247,10 +247,19 @@ class _Progress(keras.callbacks.Callback):
         self.last_line = now
 
 # %% ../nbs/04_training.ipynb #86a61173s2
+def _in_finaliser(frame)->bool:
+    "Is `frame`, or a frame that called it, a finaliser (`__del__`) or a garbage collector's callback?"
+    callbacks = {getattr(cb, '__code__', None) for cb in gc.callbacks}
+    while frame is not None:
+        if frame.f_code.co_name == '__del__' or frame.f_code in callbacks: return True
+        frame = frame.f_back
+    return False
+
 class _CtrlC(keras.callbacks.Callback):
     """Ctrl-C stops a run whatever Python was doing when it came. Python raises KeyboardInterrupt where the main thread
-    is; if that is a finaliser (`__del__`: TensorFlow deletes a data iterator in one every epoch), it is printed and
-    dropped. While this callback is entered (`with`), Ctrl-C also sets a flag, and the next batch's end raises it again."""
+    is; in a finaliser (TensorFlow deletes a data iterator in a `__del__` every epoch) or a garbage collector's callback
+    (JAX registers one, and TensorFlow imports JAX) it would be printed and dropped. While this callback is entered
+    (`with`), Ctrl-C sets a flag, raises at once unless it came in one of those, and the next batch's end raises it."""
     def __enter__(self):
         self.hit, self.before = False, signal.getsignal(signal.SIGINT)
         self.owns = self.before is signal.default_int_handler and threading.current_thread() is threading.main_thread()
@@ -258,7 +267,9 @@ class _CtrlC(keras.callbacks.Callback):
         return self
     def __exit__(self, *exc):
         if self.owns: signal.signal(signal.SIGINT, self.before)
-    def _interrupt(self, signum, frame): self.hit = True; raise KeyboardInterrupt
+    def _interrupt(self, signum, frame):
+        self.hit = True
+        if not _in_finaliser(frame): raise KeyboardInterrupt
     def on_train_batch_end(self, batch, logs=None):
         if self.hit: raise KeyboardInterrupt
     def on_epoch_end(self, epoch, logs=None): self.on_train_batch_end(None)

@@ -9,6 +9,7 @@ __all__ = ['CELLS', 'rnn_layer', 'CausalConv', 'ResidualBlock', 'initial_states'
 # %% ../nbs/03b_blocks.ipynb #b3fabbdf
 import math
 import keras
+from fastcore.basics import patch
 from keras import ops
 from .checks import check_int, check_rate
 from .cell import MinGRU, MinLSTM
@@ -83,15 +84,6 @@ class ResidualBlock(keras.layers.Layer):
         h = self.rnn(self.norm_rnn(x), mask=mask)
         return self._mlp((x[:, -1] if self.last_only else x) + self._drop(h, training), training)
 
-    def step(self, x, states):
-        "One time step: `x` is `(batch, units)`, `states` as `initial_states(block)` gives them; returns the output and the new states."
-        states = list(states)
-        if self.conv:
-            c, conv_state = self.conv_layer.step(self.norm_conv(x), states.pop())
-            x = x + c
-        h, states = rnn_step(self.rnn, self.norm_rnn(x), states)
-        return self._mlp(x + h), states + ([conv_state] if self.conv else [])
-
     def compute_mask(self, x, mask=None): return None if self.last_only else mask
     def compute_output_shape(self, s): return (s[0], s[2]) if self.last_only else s
     def get_config(self):
@@ -123,6 +115,17 @@ def rnn_step(layer,   # a recurrent layer of the model
         return (layer.to_out(h) if layer.to_out is not None else h), [h]
     out, new = layer.cell(x, list(states) if len(states) > 1 else states[0])
     return out, list(new) if isinstance(new, (list, tuple)) else [new]
+
+# %% ../nbs/03b_blocks.ipynb #934787fbp1
+@patch
+def step(self:ResidualBlock, x, states):
+    "One time step: `x` is `(batch, units)`, `states` as `initial_states(block)` gives them; returns the output and the new states."
+    states = list(states)
+    if self.conv:
+        c, conv_state = self.conv_layer.step(self.norm_conv(x), states.pop())
+        x = x + c
+    h, states = rnn_step(self.rnn, self.norm_rnn(x), states)
+    return self._mlp(x + h), states + ([conv_state] if self.conv else [])
 
 # %% ../nbs/03b_blocks.ipynb #d4f05be4
 @keras.saving.register_keras_serializable(package='minlstm_nb')

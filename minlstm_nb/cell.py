@@ -9,7 +9,7 @@ __all__ = ['BACKENDS', 'scan_dtype', 'MinGRUCell', 'MinLSTMCell', 'gate_scan', '
 # %% ../nbs/03d_layers.ipynb #01ae3679
 import numpy as np
 import keras
-from fastcore.basics import patch
+from fastcore.basics import patch, store_attr
 from keras import ops
 from .checks import check_int, check_rate
 from .dropin import NOT_APPLICABLE, SUPPORTED, refuse_inapplicable, argument_table
@@ -43,20 +43,14 @@ class _MinCell(keras.layers.Layer):
                  kernel_regularizer=None, bias_regularizer=None, kernel_constraint=None, bias_constraint=None,
                  **kwargs):
         super().__init__(**kwargs)
-        self.units = check_int('units', units)
-        self.use_bias = bool(use_bias)
-        self.kernel_initializer, self.bias_initializer = kernel_initializer, bias_initializer
-        self.kernel_regularizer, self.bias_regularizer = kernel_regularizer, bias_regularizer
-        self.kernel_constraint, self.bias_constraint = kernel_constraint, bias_constraint
-        self.state_size, self.output_size = self.units, self.units
+        self.units, self.use_bias = check_int('units', units), bool(use_bias)
+        store_attr('kernel_initializer,bias_initializer,kernel_regularizer,bias_regularizer,kernel_constraint,bias_constraint')
+        self.state_size = self.output_size = self.units
+        dense = {a: getattr(self, a) for a in self.dense_args}
         for name in self.projections:            # Keras' unit_forget_bias: the forget gate's bias starts at 1
             init = 'ones' if name == self.forget and self.unit_forget_bias else bias_initializer
-            setattr(self, name, keras.layers.Dense(
-                self.units, use_bias=self.use_bias, kernel_initializer=kernel_initializer,
-                bias_initializer=init,
-                kernel_regularizer=kernel_regularizer, bias_regularizer=bias_regularizer,
-                kernel_constraint=kernel_constraint, bias_constraint=bias_constraint, dtype=self.dtype_policy,
-                name=name))
+            setattr(self, name, keras.layers.Dense(self.units, **{**dense, 'bias_initializer': init},
+                                                   dtype=self.dtype_policy, name=name))
 
     @classmethod
     def arguments(cls):

@@ -285,17 +285,9 @@ def _lower_anchors(page):
     "Quarto's anchors are lower case (`cell.html#minlstm`); nbconvert keeps the heading's case: give each heading both."
     return re.sub(r'(<h[1-6] id="([^"]+)"[^>]*>)', lambda m: m[1] + (f'<a id="{m[2].lower()}"></a>' if m[2] != m[2].lower() else ''), page)
 
-# %% ../nbs/90_docs.ipynb #18b56e0b
-def build_docs(out='_docs_lite'): # directory for the pages (replaced only when every page is built)
-    "Build the course as plain HTML pages in `out`: nbdev's processed notebooks, math as MathML, nothing from the network."
-    import nbformat
-    from nbconvert import HTMLExporter
-    from nbconvert.preprocessors import TagRemovePreprocessor
-    from jinja2 import DictLoader
-    from nbdev.config import get_config
-    from nbdev.serve import proc_nbs
-    cfg = get_config()
-    nbs = Path(cfg.nbs_path)
+# %% ../nbs/90_docs.ipynb #18b56e0bh1
+def _course_order(nbs:Path)->list:
+    "The pages in the sidebar's order, `[(section, notebook)]`: a notebook missing from `sidebar.yml` is an error."
     if not (nbs/'sidebar.yml').exists():
         raise FileNotFoundError(f'no {os.path.relpath(nbs/"sidebar.yml")} here: build the docs inside a clone of the '
                                 f'repository')
@@ -303,16 +295,34 @@ def build_docs(out='_docs_lite'): # directory for the pages (replaced only when 
     missing = sorted({p.name for p in nbs.glob('*.ipynb') if not p.name.startswith(('_', '.'))}
                      - {nb for _, nb in order})
     if missing: raise ValueError(f'notebooks missing from {nbs/"sidebar.yml"}: {", ".join(missing)}')
+    return order
+
+def _exporter():
+    "nbconvert's HTML exporter with the offline template, without prompts, leaving out inputs tagged `remove_input`."
+    from nbconvert import HTMLExporter
+    from nbconvert.preprocessors import TagRemovePreprocessor
+    from jinja2 import DictLoader
+    exporter = HTMLExporter(extra_loaders=[DictLoader({'offline.html.j2': _TEMPLATE})], template_file='offline.html.j2',
+                            exclude_input_prompt=True, exclude_output_prompt=True)
+    exporter.register_preprocessor(TagRemovePreprocessor(remove_input_tags={'remove_input'}), enabled=True)
+    return exporter
+
+# %% ../nbs/90_docs.ipynb #18b56e0b
+def build_docs(out='_docs_lite'): # directory for the pages (replaced only when every page is built)
+    "Build the course as plain HTML pages in `out`: nbdev's processed notebooks, math as MathML, nothing from the network."
+    import nbformat
+    from nbdev.config import get_config
+    from nbdev.serve import proc_nbs
+    cfg = get_config()
+    nbs = Path(cfg.nbs_path)
+    order = _course_order(nbs)
     proc = Path(proc_nbs(force=True, n_workers=0))   # in this process: no worker pool (it may run inside one)
     books = {nb: nbformat.read(proc/nb, as_version=4) for _, nb in order}
     fms = {nb: _front_matter(b)[1] for nb, b in books.items()}
     titles = {nb: (fm.get('output-file', Path(nb).stem + '.html'), fm.get('title', nb))
               for nb, fm in fms.items()}
     pages = {nb: t[0] for nb, t in titles.items()}
-    exporter = HTMLExporter(extra_loaders=[DictLoader({'offline.html.j2': _TEMPLATE})],
-                            template_file='offline.html.j2',
-                            exclude_input_prompt=True, exclude_output_prompt=True)
-    exporter.register_preprocessor(TagRemovePreprocessor(remove_input_tags={'remove_input'}), enabled=True)
+    exporter = _exporter()
     out = Path(out); tmp = Path(tempfile.mkdtemp(prefix='.docs-', dir=out.resolve().parent)); tmp.chmod(0o755)
     try:
         for _, nb in order:

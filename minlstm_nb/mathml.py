@@ -7,6 +7,7 @@ __all__ = ['MATH_FUNCTIONS', 'typeset', 'tex_to_mathml']
 
 # %% ../nbs/90a_mathml.ipynb #mm000004
 import re
+import xml.etree.ElementTree as ET
 
 # %% ../nbs/90a_mathml.ipynb #a7d1c002
 _MML = 'http://www.w3.org/1998/Math/MathML'
@@ -27,48 +28,59 @@ def _kernel(e):
     while _name(e) in _SCRIPTS and len(e): e = e[0]
     return e
 
+# %% ../nbs/90a_mathml.ipynb #a7d1c002p1
+def _q(tag): return f'{{{_MML}}}{tag}'
+
+def _tight(mo): mo.set('lspace', '0'); mo.set('rspace', '0')
+
+def _one_word(e):
+    "`\\mathrm{softplus}` arrives as one `mi` a letter: make it one word."
+    if _name(e) == 'mrow' and len(e) > 1 and all(_name(k) == 'mi' and k.get('mathvariant') == 'normal'
+                                                 and len(k.text or '') == 1 for k in e):
+        word = ''.join(k.text for k in e)
+        for k in list(e): e.remove(k)
+        e.append(ET.Element(_q('mi'), mathvariant='normal')); e[0].text = word
+
+def _thousands(kids, i)->bool:
+    "Does `kids[i]` start `65{,}536`: a number, a braced comma, three digits (one number, not a list)?"
+    return (_name(kids[i]) == 'mn' and i + 2 < len(kids) and _name(kids[i + 1]) == 'mrow' and len(kids[i + 1]) == 1
+            and _name(kids[i + 1][0]) == 'mo' and kids[i + 1][0].text == ','
+            and _name(kids[i + 2]) == 'mn' and re.fullmatch(r'\d{3}', kids[i + 2].text or '') is not None)
+
+# %% ../nbs/90a_mathml.ipynb #a7d1c002p2
+def _spaced(e, in_script)->list:
+    "The children of `e` spaced as TeX spaces them: numbers joined, signs and ordinary symbols tight, names applied."
+    fixed, kids, out, i = _name(e) in _FIXED, list(e), [], 0
+    while i < len(kids):
+        k, nxt = kids[i], (kids[i + 1] if i + 1 < len(kids) else None)
+        if not fixed and _thousands(kids, i):
+            k.text = f'{k.text},{kids[i + 2].text}'; kids[i + 2] = k; i += 2; continue
+        if _name(k) == 'mo' and k.text and len(k.text) > 1 and k.text.isalpha():
+            k.tag = _q('mi')                                    # \operatorname{logcumsumexp}: a name
+        if _name(k) == 'mo' and k.text in ('\u2212', '+', '-') and (not out or (_name(out[-1]) == 'mo'
+                                                                    and out[-1].text not in (')', ']', '|'))):
+            _tight(k)                                           # a sign, not a subtraction
+        if _name(k) == 'mo' and (k.text in _ORDINARY or in_script) and k.get('stretchy') != 'true': _tight(k)
+        function = not fixed and _name(_kernel(k)) == 'mi' and _kernel(k).text in MATH_FUNCTIONS
+        if function and out and (_name(out[-1]) != 'mo' or out[-1].text in (')', ']')):
+            out.append(ET.Element(_q('mspace'), width='0.1667em'))  # n \ln 2: a thin space before the name too
+        out.append(k)
+        if function and nxt is not None:
+            apply = ET.Element(_q('mo')); apply.text = '\u2061'; out.append(apply)
+            if not (_name(nxt) == 'mo' and (nxt.text or '') in '([{\u27e8'):
+                out.append(ET.Element(_q('mspace'), width='0.1667em'))
+        i += 1
+    return out
+
 # %% ../nbs/90a_mathml.ipynb #a7d1c002s1
 def typeset(mathml:str)->str:
     "latex2mathml's MathML spaced as TeX spaces it: function names, thousands, unary signs, scripts, ordinary symbols."
-    import xml.etree.ElementTree as ET
     ET.register_namespace('', _MML)
-    root, q = ET.fromstring(mathml), lambda t: f'{{{_MML}}}{t}'
-    def tight(mo): mo.set('lspace', '0'); mo.set('rspace', '0')
+    root = ET.fromstring(mathml)
     def walk(e, in_script=False):
         for i, k in enumerate(list(e)): walk(k, in_script or (_name(e) in _SCRIPTS and i > 0))
-        if _name(e) == 'mrow' and len(e) > 1 and all(_name(k) == 'mi' and k.get('mathvariant') == 'normal'
-                                                     and len(k.text or '') == 1 for k in e):
-            word = ''.join(k.text for k in e)                          # \mathrm{softplus}: one word
-            for k in list(e): e.remove(k)
-            e.append(ET.Element(q('mi'), mathvariant='normal')); e[0].text = word
-        fixed = _name(e) in _FIXED
-        kids, out, i = list(e), [], 0
-        while i < len(kids):
-            k = kids[i]
-            nxt = kids[i + 1] if i + 1 < len(kids) else None
-            # 65{,}536: one number, not a list
-            if (not fixed and _name(k) == 'mn' and nxt is not None and _name(nxt) == 'mrow' and len(nxt) == 1
-                    and _name(nxt[0]) == 'mo' and nxt[0].text == ',' and i + 2 < len(kids)
-                    and _name(kids[i + 2]) == 'mn' and re.fullmatch(r'\d{3}', kids[i + 2].text or '')):
-                k.text = f'{k.text},{kids[i + 2].text}'
-                kids[i + 2] = k; i += 2; continue
-            if _name(k) == 'mo' and k.text and len(k.text) > 1 and k.text.isalpha():
-                k.tag = q('mi')                                     # \operatorname{logcumsumexp}: a name
-            if _name(k) == 'mo' and k.text in ('\u2212', '+', '-') and (not out or (_name(out[-1]) == 'mo'
-                                                                        and out[-1].text not in (')', ']', '|'))):
-                tight(k)                                            # a sign, not a subtraction
-            if _name(k) == 'mo' and (k.text in _ORDINARY or in_script) and k.get('stretchy') != 'true':
-                tight(k)
-            b = _kernel(k)
-            function = not fixed and _name(b) == 'mi' and b.text in MATH_FUNCTIONS
-            if function and out and (_name(out[-1]) != 'mo' or out[-1].text in (')', ']')):
-                out.append(ET.Element(q('mspace'), width='0.1667em'))  # n \ln 2: a thin space before the name too
-            out.append(k)
-            if function and nxt is not None:
-                apply = ET.Element(q('mo')); apply.text = '\u2061'; out.append(apply)
-                opens = _name(nxt) == 'mo' and (nxt.text or '') in '([{\u27e8'
-                if not opens: out.append(ET.Element(q('mspace'), width='0.1667em'))
-            i += 1
+        _one_word(e)
+        out = _spaced(e, in_script)
         for k in list(e): e.remove(k)
         e.extend(out)
     walk(root)

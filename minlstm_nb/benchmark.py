@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['CONTENDERS', 'RATIOS', 'Projections', 'time_train_step', 'generation_speed', 'run_benchmark', 'format_table',
-           'step_breakdown', 'minlstm_bench']
+           'breakdown_parts', 'step_breakdown', 'breakdown_line', 'minlstm_bench']
 
 # %% ../nbs/06_benchmark.ipynb #0b1e3bd4
 import json, os, platform, sys, time
@@ -14,6 +14,7 @@ import tensorflow as tf
 import keras
 from fastcore.script import call_parse, store_true
 from .durable import atomic_write
+from .checks import check_int, check_ints
 from .machine import cpu_model
 from .console import StatusLine
 from .kernels import explain, kernel_status, forget_kernel, print_kernel_report
@@ -203,13 +204,9 @@ def format_table(res:dict, # what run_benchmark returns
         lines += ['generation, step mode, batch 1: ' + ', '.join(f'{c} {v:,.0f} tokens/s' for c, v in res['generation_tokens_per_s'].items())]
     return '\n'.join(lines)
 
-# %% ../nbs/06_benchmark.ipynb #bab1beae
-def step_breakdown(T:int=4096,       # sequence length
-                   batch:int=16,     # sequences per batch
-                   units:int=64,     # units, and input features
-                   runs:int=9,       # timed runs of each part, round robin
-                  )->dict:           # median ms of each part, the bandwidth (GB/s), the kernel's traffic and the step's lower bound (ms)
-    "Time the parts of parallel minLSTM's training step side by side (and Keras' LSTM): products, kernel, loss, bandwidth."
+# %% ../nbs/06_benchmark.ipynb #bab1beaep
+def breakdown_parts(T, batch, units)->dict:
+    "The parts of parallel minLSTM's training step as compiled functions, each run alone (and Keras' LSTM's whole step)."
     x = tf.random.normal((batch, T, units), seed=0)
     ks = [tf.random.normal((batch, T, units), seed=i) for i in range(3)]
     bs = [tf.zeros((units,)) for _ in range(3)]
@@ -233,15 +230,24 @@ def step_breakdown(T:int=4096,       # sequence length
         return [tape.gradient(loss, y)[0, 0, 0]]
     layer, floor = _train_step(MinLSTM(units, return_sequences=True), x), _train_step(Projections(units, 3), x)
     lstm = _train_step(keras.layers.LSTM(units, return_sequences=True), x)
-    parts = {'keras_lstm': lambda: lstm(x), 'layer': lambda: layer(x), 'projections': lambda: floor(x), 'kernel_and_loss': lambda: kernel(ks, bs),
+    return {'keras_lstm': lambda: lstm(x), 'layer': lambda: layer(x), 'projections': lambda: floor(x), 'kernel_and_loss': lambda: kernel(ks, bs),
              'loss': lambda: loss_only(ks[0]), 'read': lambda: [tf.reduce_sum(big)],
              'products': products, 'weight_grads': weight_grads}
+
+
+# %% ../nbs/06_benchmark.ipynb #bab1beae
+def step_breakdown(T:int=4096,       # sequence length
+                   batch:int=16,     # sequences per batch
+                   units:int=64,     # units, and input features
+                   runs:int=9,       # timed runs of each part, round robin
+                  )->dict:           # median ms of each part, the bandwidth (GB/s), the kernel's traffic and the step's lower bound (ms)
+    "Time the parts of parallel minLSTM's training step side by side (and Keras' LSTM): products, kernel, loss, bandwidth."
+    parts, seq = breakdown_parts(T, batch, units), 4*batch*T*units      # seq: bytes of one sequence of floats
     for f in parts.values(): _timed(f)                              # trace and warm up
     times = {k: [] for k in parts}
     for _ in range(runs):
         for k, f in parts.items(): times[k].append(_timed(f))
     res = {f'{k}_ms': float(np.median(v)) for k, v in times.items()}
-    seq = 4*batch*T*units                                            # bytes of one sequence of floats
     res['bandwidth_gb_s'] = 8*seq/res['read_ms']/1e6                   # 8 sequences read (writing is no faster)
     res['kernel_traffic_bound_ms'] = 12*seq/res['bandwidth_gb_s']/1e6
     res['lower_bound_ms'] = res['products_ms'] + res['weight_grads_ms'] + res['loss_ms'] + res['kernel_traffic_bound_ms']
@@ -254,6 +260,17 @@ def _write_json(path, res):
     text = json.dumps(res, indent=1)
     with atomic_write(path, suffix='.json') as tmp: tmp.write_text(text)
     return path
+
+# %% ../nbs/06_benchmark.ipynb #ee702337h1
+def breakdown_line(res:dict)->str:
+    "The sentence `--breakdown` prints: the parts of a minLSTM step, or why they are not resolved at this size."
+    b, floor, T = res['breakdown'], res['resolution_ms'], max(res['settings']['lengths'])
+    if b['layer_ms'] < floor:
+        return (f"minLSTM step at T={T}: {b['layer_ms']:.1f} ms, below resolution ({floor:.1f} ms): "
+                f"its parts are not resolved at this size; try a longer --lengths")
+    return (f"minLSTM step at T={T}: {b['layer_ms']:.1f} ms; its projections alone {b['projections_ms']:.1f} ms; "
+            f"kernel and loss {b['kernel_and_loss_ms']:.1f} ms (loss {b['loss_ms']:.1f} ms); the kernel's traffic "
+            f"needs {b['kernel_traffic_bound_ms']:.1f} ms at {b['bandwidth_gb_s']:.1f} GB/s")
 
 # %% ../nbs/06_benchmark.ipynb #ee702337s1
 @call_parse
@@ -282,24 +299,14 @@ def minlstm_bench(lengths:str='64,256,512,1024,4096', # comma-separated sequence
         if require_kernel and st['status'] != 'built': sys.exit(1)
         return
     try:
-        Ts = [int(t) for t in lengths.split(',')]
-        if not Ts or min(Ts) < 1: raise ValueError
-    except ValueError:
-        print(f'minlstm_bench: error: --lengths must be positive integers separated by commas, got {lengths!r}', file=sys.stderr); sys.exit(2)
-    for name, v in (('batch', batch), ('units', units), ('runs', runs)):
-        if v < 1: print(f'minlstm_bench: error: --{name} must be at least 1, got {v}', file=sys.stderr); sys.exit(2)
+        Ts = check_ints('--lengths', lengths)
+        for name, v in (('batch', batch), ('units', units), ('runs', runs)): check_int(f'--{name}', v)
+    except ValueError as e: print(f'minlstm_bench: error: {e}', file=sys.stderr); sys.exit(2)
     status = StatusLine()
     res = run_benchmark(Ts, batch, units, runs, generation=not no_generation, log=lambda line: (status.clear(), print(line)), status=status)
     status.clear(); print(format_table(res))
     if breakdown:
         status(f'timing the parts of a minLSTM step at T={max(Ts)}')
-        b = res['breakdown'] = step_breakdown(max(Ts), batch, units)
-        status.clear()
-        if b['layer_ms'] < res['resolution_ms']:
-            print(f"minLSTM step at T={max(Ts)}: {b['layer_ms']:.1f} ms, below resolution ({res['resolution_ms']:.1f} ms): "
-                  f"its parts are not resolved at this size; try a longer --lengths")
-        else:
-            print(f"minLSTM step at T={max(Ts)}: {b['layer_ms']:.1f} ms; its projections alone {b['projections_ms']:.1f} ms; kernel and loss "
-                  f"{b['kernel_and_loss_ms']:.1f} ms (loss {b['loss_ms']:.1f} ms); the kernel's traffic needs {b['kernel_traffic_bound_ms']:.1f} ms "
-                  f"at {b['bandwidth_gb_s']:.1f} GB/s")
+        res['breakdown'] = step_breakdown(max(Ts), batch, units)
+        status.clear(); print(breakdown_line(res))
     if json: print(f'wrote {_write_json(json, res)}')

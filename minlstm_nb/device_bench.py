@@ -14,6 +14,7 @@ import keras
 from keras import ops
 from fastcore.script import call_parse, store_true
 from .machine import device_name
+from .checks import check_int, check_ints, check_positive
 from .cell import MinGRU, MinLSTM
 
 # %% ../nbs/06a_device_benchmark.ipynb #90f1d733
@@ -140,52 +141,55 @@ def run_device_benchmark(lengths=(512, 4096, 65536), # sequence lengths T
     with _quiet_tensorflow(): return _run(lengths, widths, batch, runs, contenders, torch, max_seconds, log)
 
 # %% ../nbs/06a_device_benchmark.ipynb #f01dea87s2
+_FAILED = object()
+
+def _attempt(row, name, fn, log):
+    "fn(), or _FAILED with the reason kept in the row: out of memory, or a size the contender refuses."
+    try: return fn()
+    except Exception as e:
+        row['skipped'][name] = _failure(e)
+        if log: log(f"D={row['D']} T={row['T']} {name}: {row['skipped'][name]}")
+        return _FAILED
+
+def _time_row(D, T, makers, runs, max_seconds, dropped, log)->dict:
+    "One (D, T) row: each contender built, compiled and run once, then timed in turns. `dropped` gains those too slow to go on."
+    row, steps, times = dict(D=D, T=T, ms={}, compile_s={}, skipped=dict(dropped)), {}, {}
+    for name, make in makers.items():
+        if name in dropped: continue
+        t0 = time.perf_counter()
+        step = _attempt(row, name, make, log)
+        if step is not _FAILED and _attempt(row, name, step, log) is not _FAILED:
+            steps[name], times[name], row['compile_s'][name] = step, [], time.perf_counter() - t0
+    for _ in range(runs):                                     # one run each in turn: load falls on all
+        for name in list(steps):
+            t0 = time.perf_counter()
+            if _attempt(row, name, steps[name], log) is _FAILED: steps.pop(name); continue
+            times[name].append(1e3*(time.perf_counter() - t0))
+            if times[name][-1] > 1e3*max_seconds: steps.pop(name)   # one slow run is enough to know
+    for name, ts in times.items():
+        if name in row['skipped'] or not ts: continue
+        row['ms'][name] = float(np.median(ts))
+        if max(ts) > 1e3*max_seconds: dropped[name] = f'over {max_seconds:g} s a run at T={T}'
+        if log: log(f"D={D} T={T} {name}: {row['ms'][name]:.2f} ms")
+    dropped.update({n: f'out of memory at T={T}' for n, why in row['skipped'].items() if why == 'out of memory' and n not in dropped})
+    row['ratios'] = {k: row['ms'][a]/row['ms'][b] for k, (a, b) in RATIOS.items() if a in row['ms'] and b in row['ms']}
+    return row
+
+# %% ../nbs/06a_device_benchmark.ipynb #f01dea87s3
 def _run(lengths, widths, batch, runs, contenders, torch, max_seconds, log):
     tc = torch_contenders() if torch else None
     res = dict(device=device_name(), backend=keras.backend.backend(), keras=keras.__version__, batch=batch,
                runs=runs, torch=None if tc is None else __import__('torch').__version__, rows=[],
                torch_note=None if tc is not None or not torch
                else 'torch is not importable: its contenders skipped')
-    names, rng, FAILED = list(contenders) + list(tc or ()), np.random.default_rng(0), object()
-    def attempt(row, name, fn):
-        "fn(), or FAILED with the reason kept where it raised"
-        try: return fn()
-        except Exception as e:                                # out of memory, or a size a contender refuses
-            row['skipped'][name] = _failure(e); steps.pop(name, None)
-            if log: log(f"D={row['D']} T={row['T']} {name}: {row['skipped'][name]}")
-            return FAILED
+    rng = np.random.default_rng(0)
     for D in widths:
         dropped = {}                                          # name -> why it is not timed at longer T
         for T in lengths:
             x = rng.normal(size=(batch, T, D)).astype('float32'); xt = ops.convert_to_tensor(x)
-            row, steps, times = dict(D=D, T=T, ms={}, compile_s={}, skipped=dict(dropped)), {}, {}
-            for name in names:                                # build and compile each, and run it once
-                if name in dropped: continue
-                t0 = time.perf_counter()
-                make = ((lambda: _torch_step(tc[name], x)) if name in (tc or ()) else
-                        (lambda: _gradient_step(CONTENDERS[name](D), xt)))
-                step = attempt(row, name, make)
-                if step is not FAILED and attempt(row, name, step) is not FAILED:
-                    steps[name], times[name] = step, []
-                    row['compile_s'][name] = time.perf_counter() - t0
-            for _ in range(runs):                           # then take turns, one run each: load falls on all
-                for name in list(steps):
-                    t0 = time.perf_counter()
-                    if attempt(row, name, steps[name]) is not FAILED:
-                        times[name].append(1e3*(time.perf_counter() - t0))
-                        if times[name][-1] > 1e3*max_seconds:
-                            steps.pop(name)   # one slow run is enough to know
-            for name, ts in times.items():
-                if name in row['skipped'] or not ts: continue
-                row['ms'][name] = float(np.median(ts))
-                if max(ts) > 1e3*max_seconds: dropped[name] = f'over {max_seconds:g} s a run at T={T}'
-                if log: log(f"D={D} T={T} {name}: {row['ms'][name]:.2f} ms")
-            for name, why in row['skipped'].items():
-                if why == 'out of memory' and name not in dropped: dropped[name] = f'out of memory at T={T}'
-            steps.clear()
-            ms = row['ms']
-            row['ratios'] = {k: ms[a]/ms[b] for k, (a, b) in RATIOS.items() if a in ms and b in ms}
-            res['rows'].append(row)
+            makers = {n: (lambda n=n: _gradient_step(CONTENDERS[n](D), xt)) for n in contenders}
+            makers.update({n: (lambda n=n: _torch_step(tc[n], x)) for n in tc or ()})
+            res['rows'].append(_time_row(D, T, makers, runs, max_seconds, dropped, log))
     return res
 
 # %% ../nbs/06a_device_benchmark.ipynb #438854b1
@@ -207,15 +211,6 @@ def format_device_table(res:dict)->str:
     if notes: out += ['', 'not timed: ' + '; '.join(notes)]
     return '\n'.join(out)
 
-# %% ../nbs/06a_device_benchmark.ipynb #f14c7a53
-def _ints(name, text):
-    try: v = [int(t) for t in text.split(',')]
-    except ValueError: v = []
-    if not v or min(v) < 1:
-        print(f'minlstm_bench: error: --{name} must be positive integers separated by commas, got {text!r}',
-              file=sys.stderr); sys.exit(2)
-    return v
-
 # %% ../nbs/06a_device_benchmark.ipynb #f14c7a53s1
 @call_parse
 def minlstm_bench_device(lengths:str='512,4096,65536', # comma-separated sequence lengths T
@@ -229,13 +224,11 @@ def minlstm_bench_device(lengths:str='512,4096,65536', # comma-separated sequenc
                          verbose:store_true=False,    # show the frameworks' log lines (also: MINLSTM_NB_VERBOSE=1)
                         ):
     "Time minLSTM/minGRU, Keras' LSTM/GRU, the projections' floor and PyTorch ports on Keras' backend and device."
-    Ts, Ds = _ints('lengths', lengths), _ints('widths', widths)
-    for name, v in (('batch', batch), ('runs', runs)):
-        if v < 1:
-            print(f'minlstm_bench: error: --{name} must be at least 1, got {v}', file=sys.stderr); sys.exit(2)
-    if not max_seconds > 0:
-        print(f'minlstm_bench: error: --max_seconds must be positive, got {max_seconds}', file=sys.stderr)
-        sys.exit(2)
+    try:
+        Ts, Ds = check_ints('--lengths', lengths), check_ints('--widths', widths)
+        for name, v in (('batch', batch), ('runs', runs)): check_int(f'--{name}', v)
+        check_positive('--max_seconds', max_seconds)
+    except ValueError as e: print(f'minlstm_bench: error: {e}', file=sys.stderr); sys.exit(2)
     from minlstm_nb.console import StatusLine
     status = StatusLine()
     status(f'timing on {device_name()}')

@@ -8,14 +8,17 @@ __all__ = ['PAPER_LM', 'NANOGPT_LM', 'PAPER_PRESET', 'lm_table', 'generation_tab
 
 # %% ../nbs/09b_lm_report.ipynb #lr000004
 import os, sys, math, time, json as _json
+from dataclasses import replace
 from pathlib import Path
 import keras
 from fastcore.script import call_parse, store_true
 from .durable import atomic_write
+from .checks import check_int, check_ints
 from .machine import cpu_model, visible_devices
 from .console import StatusLine
 from .corpus import CharCorpus, validation_windows
-from .lm_compare import KINDS, NAMES, train_lm, compare_lm, check_steps_for
+from .model import takes_settings
+from .lm_compare import KINDS, NAMES, LMSettings, train_lm, compare_lm, check_steps_for
 
 # %% ../nbs/09b_lm_report.ipynb #lr000006
 def _secs(s): return f'{s:.1f} s' if s < 10 else f'{s:,.0f} s'
@@ -133,18 +136,23 @@ NANOGPT_LM = ("nanoGPT's baby GPT on the same split (6 layers, width 384, 5,000 
 def _corpus_info(corpus):
     return corpus if isinstance(corpus, dict) else lm_json([], corpus)['corpus']
 
+# %% ../nbs/09b_lm_report.ipynb #d2bfb1a3s0
+def _steps_to_best(at)->str:
+    "How many more steps the Transformer took to its best validation loss than the min-RNNs (`at`: kind -> result)."
+    if 'transformer' not in at: return '-'
+    tr = at['transformer']['best_step']
+    if tr == at['transformer']['steps']: return f"not reached: still falling at the last step ({tr:,})"
+    parts = [f"{tr / at[k]['best_step']:.1f}x more than {NAMES[k]}" for k in ('mingru', 'minlstm') if k in at]
+    return f"best at step {tr}: " + ', '.join(parts) if parts else f'best at step {tr}'
+
+
 # %% ../nbs/09b_lm_report.ipynb #d2bfb1a3s1
 def paper_table(results:list, corpus, cpu:str|None=None, backend:str|None=None, devices:list|None=None)->str:
     "The paper's language-modelling setting and results beside this run's (`corpus`: a CharCorpus or a saved run's `corpus` entry; `cpu`, `backend`, `devices`: a saved run's, else this machine's)."
     c = _corpus_info(corpus)
     T = max(r['context'] for r in results)
     at = {r['kind']: r for r in results if r['context'] == T}
-    ratio = '-'
-    if 'transformer' in at:
-        tr = at['transformer']['best_step']
-        parts = [f"{tr / at[k]['best_step']:.1f}x more than {NAMES[k]}" for k in ('mingru', 'minlstm') if k in at]
-        ratio = f"best at step {tr}: " + ', '.join(parts) if parts else f'best at step {tr}'
-        if tr == at['transformer']['steps']: ratio = f"not reached: still falling at the last step ({tr:,})"
+    ratio = _steps_to_best(at)
     r0 = results[0]
     chars = r0['steps']*r0['tokens_per_step']
     ws = sorted({r['width'] for r in results}); ps = sorted(r['params'] for r in results)
@@ -171,112 +179,99 @@ def paper_table(results:list, corpus, cpu:str|None=None, backend:str|None=None, 
                           + f" (of {r0['steps']:,}" + (' for the others)' if any(r['steps'] != r0['steps'] for r in at.values()) else ')')),
             ('Transformer steps to its best', ratio),
             ('claim', 'see the discussion below')]
-    keys = ['corpus', 'models', 'architecture', 'context length', 'budget', 'device', 'best loss', 'best step',
-            'Transformer steps to its best', 'claim']
-    return '\n'.join(['| | paper | here |', '|---|---|---|'] + [f'| {a} | {PAPER_LM[k]} | {v} |'
-                                                              for k, (a, v) in zip(keys, rows)])
+    return '\n'.join(['| | paper | here |', '|---|---|---|'] + [f'| {a} | {PAPER_LM[a]} | {v} |' for a, v in rows])
 
 # %% ../nbs/09b_lm_report.ipynb #337f4afc
 PAPER_PRESET = dict(contexts='256', width=384, heads=6, steps=5000, tokens_per_step=64*256, dropout=0.2,
                     learning_rate=1e-3, eval_every=25, eval_tokens=65536)
 
-def estimate_seconds(corpus, kinds, context, steps, eval_every, eval_tokens, trial_steps:int=3, steps_for:dict|None=None,
+@takes_settings(cls=LMSettings)
+def estimate_seconds(corpus, kinds, context,
+                     settings:LMSettings|None=None, # the run's settings, any given by name over them
+                     *, trial_steps:int=3,          # steps timed per model (after one that traces)
+                     steps_for:dict|None=None,      # a model's own training steps, as `compare_lm` takes them
                      **kwargs)->dict:
     "Seconds each model of `kinds` would take for `steps` training steps (or those `steps_for` gives it) and their validations on this machine, from `trial_steps` timed steps."
-    out, steps_for = {}, check_steps_for(steps_for, kinds)
+    s, out, steps_for = replace(settings or LMSettings(), **kwargs), {}, check_steps_for(steps_for, kinds)
     for k in kinds:
-        n = steps_for.get(k, steps)
-        r = train_lm(k, corpus, context, steps=trial_steps + 1, eval_every=trial_steps + 1, eval_tokens=eval_tokens, **kwargs)
-        m, (xv, yv) = r['model'], validation_windows(corpus.val_ids, context, eval_tokens)
+        n = steps_for.get(k, s.steps)
+        r = train_lm(k, corpus, context, s, steps=trial_steps + 1, eval_every=trial_steps + 1)
+        m, (xv, yv) = r['model'], validation_windows(corpus.val_ids, context, s.eval_tokens)
         vb = max(1, min(len(xv), r['batch_size']))
         t0 = time.perf_counter()
         for i in range(0, len(xv) - len(xv) % vb, vb): m.test_on_batch(xv[i:i+vb], yv[i:i+vb])
         ev = time.perf_counter() - t0
         per = r['seconds'] / trial_steps
-        out[k] = dict(step_seconds=per, eval_seconds=ev, steps=n, seconds=n*per + (n // eval_every + 1)*ev, params=r['params'])
+        out[k] = dict(step_seconds=per, eval_seconds=ev, steps=n, seconds=n*per + (n // s.every + 1)*ev, params=r['params'])
     return out
 
 def _hours(s): return f'{s/3600:.1f} h' if s >= 3600 else f'{s/60:.0f} min'
 
 # %% ../nbs/09b_lm_report.ipynb #337f4afcs1
-def _check_lm_args(contexts, models, tokens_per_step, width, heads, transformer_steps)->tuple:
+def _check_lm_args(contexts, models, s:LMSettings, transformer_steps)->tuple:
     "(context lengths, models, steps_for) from `minlstm_lm`'s arguments; a `ValueError` naming the first that is wrong."
-    try:
-        Ts = [int(t) for t in contexts.split(',')]
-        if min(Ts) < 2: raise ValueError
-    except ValueError: raise ValueError(f'--contexts must be integers of at least 2 separated by commas, got {contexts!r}') from None
+    Ts = check_ints('--contexts', contexts, low=2)
     kinds = [k.strip() for k in models.split(',') if k.strip()]
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds: raise ValueError(f'unknown model(s) {", ".join(map(repr, bad)) or "(none given)"}: choose from {", ".join(KINDS)}')
     for T in Ts:
-        if tokens_per_step % T: raise ValueError(f'--tokens_per_step ({tokens_per_step}) must be a multiple of every context length ({T} does not divide it)')
-    if width is not None and 'transformer' in kinds and width % heads: raise ValueError(f'--width ({width}) must be a multiple of --heads ({heads})')
-    if transformer_steps is not None and transformer_steps < 1: raise ValueError(f'--transformer_steps must be at least 1, got {transformer_steps}')
+        if s.tokens_per_step % T: raise ValueError(f'--tokens_per_step ({s.tokens_per_step}) must be a multiple of every context length ({T} does not divide it)')
+    if s.width is not None and 'transformer' in kinds and s.width % s.heads:
+        raise ValueError(f'--width ({s.width}) must be a multiple of --heads ({s.heads})')
+    if transformer_steps is not None: check_int('--transformer_steps', transformer_steps)
     if transformer_steps is not None and 'transformer' not in kinds:
         raise ValueError(f'--transformer_steps ({transformer_steps}) was given, but --models has no transformer')
     return Ts, kinds, {} if transformer_steps is None else {'transformer': transformer_steps}
 
-def _print_estimate(corpus, kinds, context, n_contexts, steps_for, train_args, status):
+def _print_estimate(corpus, kinds, context, n_contexts, steps_for, s, status):
     "Time a few steps of each model and print how long the whole run would take here."
     status('timing a few steps of each model')
-    est = estimate_seconds(corpus, kinds, context, steps_for=steps_for, **{k: v for k, v in train_args.items() if k != 'seed'})
+    est = estimate_seconds(corpus, kinds, context, s, steps_for=steps_for)
     status.clear()
     total = sum(e['seconds'] for e in est.values())*n_contexts
     print(f'estimated time on this machine ({cpu_model()}, {os.cpu_count()} cores): {_hours(total)} - '
           + ', '.join(f"{NAMES[k]} {_hours(e['seconds'])} ({e['step_seconds']:.2f} s/step, {e['params']:,} parameters)"
                       for k, e in est.items()))
 
+def _write_outputs(res, corpus, json_path, plot_path):
+    "The run's figures as JSON and its loss curves as an image, where `minlstm_lm` was asked to write them, each atomically."
+    if json_path:
+        save_lm_json(res, corpus, json_path, command='minlstm_lm ' + ' '.join(sys.argv[1:]))
+        print(f'wrote {json_path}')
+    if plot_path:
+        with atomic_write(plot_path, suffix=Path(plot_path).suffix) as tmp: plot_lm(res, corpus.unigram_loss()).savefig(tmp, dpi=100)
+        print(f'wrote {plot_path}')
+
 # %% ../nbs/09b_lm_report.ipynb #337f4afcs2
 @call_parse
+@takes_settings(cls=LMSettings)             # its flags: the options below, then every setting of the run
 def minlstm_lm(contexts:str='256',          # comma-separated context lengths, in characters
                models:str=','.join(KINDS),  # comma-separated models: minlstm, mingru, lstm, gru, transformer
-               steps:int=300,               # training steps, the same for every model
                transformer_steps:int=None,  # the Transformer's own training steps (default: --steps), for its slower descent
-               params:int=100_000,          # parameters every model is matched to (within 10%)
-               width:int=None,              # or: this width for every model (parameters then differ)
-               depth:int=3,                 # blocks
-               heads:int=4,                 # the Transformer's attention heads (its width comes in steps of heads)
-               tokens_per_step:int=8192,    # characters per batch (batch size = tokens_per_step / context)
-               dropout:float=0.0,           # dropout on the embedding and every branch
-               learning_rate:float=1e-3,    # AdamW's peak learning rate (warm-up, then cosine decay)
-               eval_every:int=None,         # steps between validations (default: a twentieth of steps)
-               eval_tokens:int=16384,       # held-out characters per validation
                files:str=None,              # the corpus: a file, directory or glob of text files (default: Shakespeare)
-               seed:int=0,                  # weights and batches
                json:str=None,               # also write every figure to this JSON file
                plot:str=None,               # also save the loss curves to this image file (PNG, SVG, PDF)
                paper:store_true=False,      # the paper's setting: context 256, width 384, 6 heads, 5,000 steps at batch 64, dropout 0.2, validation every 25 steps
                estimate:store_true=False,   # print the time estimate for this machine and stop
                verbose:store_true=False,    # show TensorFlow's own log lines on stderr (also: MINLSTM_NB_VERBOSE=1)
-              ):
+               **kwargs):
     "Train minLSTM, minGRU, Keras LSTM and GRU and a Transformer on one character corpus and budget; print the comparison."
     def fail(msg): print(f'minlstm_lm: error: {msg}', file=sys.stderr); sys.exit(2)
-    if paper:
-        contexts, width, heads, steps, tokens_per_step, dropout, learning_rate, eval_every, eval_tokens = (
-            PAPER_PRESET[k] for k in ('contexts', 'width', 'heads', 'steps', 'tokens_per_step', 'dropout',
-                                      'learning_rate', 'eval_every', 'eval_tokens'))
+    if paper: contexts, kwargs = PAPER_PRESET['contexts'], {**kwargs, **{k: v for k, v in PAPER_PRESET.items() if k != 'contexts'}}
     try:
-        Ts, kinds, steps_for = _check_lm_args(contexts, models, tokens_per_step, width, heads, transformer_steps)
+        s = LMSettings(**kwargs)
+        Ts, kinds, steps_for = _check_lm_args(contexts, models, s, transformer_steps)
         corpus = CharCorpus(files)
-    except (FileNotFoundError, ValueError) as e: fail(e)
-    status = StatusLine()
-    size = f'models {width} wide' if width else f'models of about {params:,} parameters'
+    except (FileNotFoundError, ValueError, TypeError) as e: fail(e)
+    s, status = replace(s, eval_every=s.every), StatusLine()    # one validation schedule, whatever a model's steps
+    size = f'models {s.width} wide' if s.width else f'models of about {s.params:,} parameters'
     own = f" (the Transformer {steps_for['transformer']:,})" if steps_for else ''
-    print(f'{corpus}; {steps:,} steps{own} of {tokens_per_step:,} characters, {size}')
-    ev = eval_every or max(1, steps // 20)
-    train_args = dict(params=params, width=width, depth=depth, heads=heads, dropout=dropout, steps=steps,
-                      tokens_per_step=tokens_per_step, learning_rate=learning_rate, eval_every=ev,
-                      eval_tokens=eval_tokens, seed=seed)
+    print(f'{corpus}; {s.steps:,} steps{own} of {s.tokens_per_step:,} characters, {size}')
     if paper or estimate:
-        _print_estimate(corpus, kinds, Ts[0], len(Ts), steps_for, train_args, status)
+        _print_estimate(corpus, kinds, Ts[0], len(Ts), steps_for, s, status)
         if estimate: return
     try: res = compare_lm(corpus, Ts, kinds, out=lambda line: (status.clear(), print(line)), status=status,
-                          steps_for=steps_for, **train_args)
+                          steps_for=steps_for, settings=s)
     except (ValueError, TypeError) as e: status.clear(); fail(e)
     status.clear(); print(lm_table(res, plain=True))
-    if json:
-        save_lm_json(res, corpus, json, command='minlstm_lm ' + ' '.join(sys.argv[1:]))
-        print(f'wrote {json}')
-    if plot:
-        with atomic_write(plot, suffix=Path(plot).suffix) as tmp: plot_lm(res, corpus.unigram_loss()).savefig(tmp, dpi=100)
-        print(f'wrote {plot}')
+    _write_outputs(res, corpus, json, plot)

@@ -8,6 +8,7 @@ __all__ = ['MODEL_FILE', 'CONTEXTS', 'Settings', 'takes_settings', 'LanguageMode
 
 # %% ../nbs/05a_model.ipynb #mo000005
 import json, os, shutil, tempfile
+from functools import partial
 from dataclasses import dataclass, fields, replace, asdict
 from pathlib import Path
 import numpy as np
@@ -15,7 +16,7 @@ import tensorflow as tf
 import keras
 from fastcore.basics import patch
 from fastcore.meta import delegates
-from .checks import check_int, check_rate, check_choice
+from .checks import check_int, check_rate, check_choice, check_positive
 from .durable import atomic_write, write_bundle, read_bundle, fault_point, is_disk_full, disk_full, temp_prefix, remove_stale_temps, TEMP_NAME, pid_alive
 from .tokenize import Tokenizer
 from .cell import MinGRU, MinLSTM
@@ -43,8 +44,7 @@ class Settings:
         check_int('seq_length', self.seq_length); check_int('epochs', self.epochs)
         if self.batch_size is not None: check_int('batch_size', self.batch_size)
         check_rate('validation_split', self.validation_split)
-        if isinstance(self.learning_rate, bool) or not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
-            raise ValueError(f'learning_rate must be positive, got {self.learning_rate!r}')
+        check_positive('learning_rate', self.learning_rate)
         self.seed = 0 if self.seed is None else check_int('seed', self.seed, 0)
 
     def save(self, path:str|os.PathLike)->Path:
@@ -78,10 +78,11 @@ def changed(self:Settings, other:Settings, but=('epochs',))->list:
             if f.name not in but and getattr(self, f.name) != getattr(other, f.name)]
 
 # %% ../nbs/05a_model.ipynb #mo0set07
-def takes_settings(f):
-    "Decorator: `f`'s `**kwargs` are `Settings`' fields, in its signature and its docs (a `call_parse` command: its flags)."
-    f = delegates(Settings)(f)
-    f.__delwrap__ = Settings    # docments reads each field's comment from the dataclass (not its generated __init__)
+def takes_settings(f=None, cls=Settings):
+    "Decorator: `f`'s `**kwargs` are the fields of the dataclass `cls`, in its signature and docs (a `call_parse` command: its flags)."
+    if f is None: return partial(takes_settings, cls=cls)    # @takes_settings(cls=...)
+    f = delegates(cls)(f)
+    f.__delwrap__ = cls         # docments reads each field's comment from the dataclass (not its generated __init__)
     return f
 
 # %% ../nbs/05a_model.ipynb #081c62be

@@ -28,6 +28,8 @@ def check_choice(name:str, v, choices):
     if v not in choices: raise ValueError(f'{name} must be one of {", ".join(map(str, choices))}, not {v!r}')
     return v
 
+
+# %% ../nbs/93_checks.ipynb #ck00000b
 def check_positive(name:str, v)->float:
     "`v` as a `float` above 0 (a learning rate, a time limit): a `ValueError` naming `name` otherwise, whatever `v` is."
     if isinstance(v, bool) or not isinstance(v, Real) or not v > 0: raise ValueError(f'{name} must be positive, got {v!r}')

@@ -151,6 +151,8 @@ def _attempt(row, name, fn, log):
         if log: log(f"D={row['D']} T={row['T']} {name}: {row['skipped'][name]}")
         return _FAILED
 
+
+# %% ../nbs/06a_device_benchmark.ipynb #f01dea87s4
 def _time_row(D, T, makers, runs, max_seconds, dropped, log)->dict:
     "One (D, T) row: each contender built, compiled and run once, then timed in turns. `dropped` gains those too slow to go on."
     row, steps, times = dict(D=D, T=T, ms={}, compile_s={}, skipped=dict(dropped)), {}, {}

@@ -259,14 +259,16 @@ class _CtrlC(keras.callbacks.Callback):
     """Ctrl-C stops a run whatever Python was doing when it came. Python raises KeyboardInterrupt where the main thread
     is; in a finaliser (TensorFlow deletes a data iterator in a `__del__` every epoch) or a garbage collector's callback
     (JAX registers one, and TensorFlow imports JAX) it would be printed and dropped. While this callback is entered
-    (`with`), Ctrl-C sets a flag, raises at once unless it came in one of those, and the next batch's end raises it."""
+    (`with`), Ctrl-C sets a flag, raises at once unless it came in one of those, and the next batch's end (or the
+    `with`'s end) raises it."""
     def __enter__(self):
         self.hit, self.before = False, signal.getsignal(signal.SIGINT)
         self.owns = self.before is signal.default_int_handler and threading.current_thread() is threading.main_thread()
         if self.owns: signal.signal(signal.SIGINT, self._interrupt)
         return self
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         if self.owns: signal.signal(signal.SIGINT, self.before)
+        if self.hit and exc_type is None: raise KeyboardInterrupt     # it came in a finaliser after the last batch
     def _interrupt(self, signum, frame):
         self.hit = True
         if not _in_finaliser(frame): raise KeyboardInterrupt

@@ -86,7 +86,7 @@ class LMSettings:
     eval_tokens:int=16384       # held-out characters per validation
     seed:int=0                  # weights and batches
 
-    def __post_init__(self):    # the widths are the layers' to check
+    def __post_init__(self):    # expansion_factor is the layers' to check
         for n in ('params', 'depth', 'heads', 'steps', 'tokens_per_step', 'eval_tokens'): check_int(n, getattr(self, n))
         for n in ('width', 'eval_every'):
             if getattr(self, n) is not None: check_int(n, getattr(self, n))

@@ -15,7 +15,7 @@ FLOORS = {  # floor -> (what it holds, its modules)
         ('durable', 'checks', 'machine', 'console')),
     1: ('data: text to ids, windows, a corpus of characters', ('tokenize', 'window', 'corpus')),
     2: ('the linear recurrence, its scans and the gates that feed them', ('scan', 'gates')),
-    3: ('the CPU kernels and the rule for which implementation runs where', ('kernels',)),
+    3: ('the CPU kernels, the rule for which implementation runs where, the fused gates and scan', ('kernels', 'fused')),
     4: ('the layers: cells, minGRU and minLSTM, residual blocks', ('dropin', 'cell', 'blocks')),
     5: ('the language model, training across processes, training, checkpoints, prediction',
         ('model', 'scale', 'checkpoints', 'training', 'prediction')),

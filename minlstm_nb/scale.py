@@ -15,11 +15,9 @@ def multi_worker(strategy)->bool:
     "Whether `strategy` trains across processes: a `MultiWorkerMirroredStrategy` with more than one worker."
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and strategy.extended._in_multi_worker_mode()
 
-def fit_multi_worker(model, dataset, epochs, initial_epoch, steps, callbacks, strategy):
-    """`model.fit` for MultiWorkerMirroredStrategy across processes, which Keras 3 (3.15) cannot do: `fit` reduces the
-    first distributed batch and the per-step logs with `strategy.reduce` calls that fail across workers
-    (keras-team/keras#20585). The same step as `fit`'s - mean loss over the global batch, gradients all-reduced by the
-    Keras optimizer - with Keras' own `CallbackList` driving the callbacks. Returns the `History`."""
+# %% ../nbs/08_scale.ipynb #sc000003s1
+def _global_step(model, strategy):
+    "One step of `fit`'s on every worker: mean loss over the global batch, gradients all-reduced by the Keras optimizer; returns the summed (loss, hits, windows)."
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction='none')
     def replica_step(x, y):
         n = tf.cast(tf.shape(y)[0], tf.float32)
@@ -35,6 +33,15 @@ def fit_multi_worker(model, dataset, epochs, initial_epoch, steps, callbacks, st
     def train_step(it):
         sums = strategy.run(replica_step, args=next(it))
         return [strategy.reduce('SUM', v, axis=None) for v in sums]
+    return train_step
+
+# %% ../nbs/08_scale.ipynb #sc000003s2
+def fit_multi_worker(model, dataset, epochs, initial_epoch, steps, callbacks, strategy):
+    """`model.fit` for MultiWorkerMirroredStrategy across processes, which Keras 3 (3.15) cannot do: `fit` reduces the
+    first distributed batch and the per-step logs with `strategy.reduce` calls that fail across workers
+    (keras-team/keras#20585). The same step as `fit`'s - mean loss over the global batch, gradients all-reduced by the
+    Keras optimizer - with Keras' own `CallbackList` driving the callbacks. Returns the `History`."""
+    train_step = _global_step(model, strategy)
     with strategy.scope():
         if not model.optimizer.built: model.optimizer.build(model.trainable_variables)
     history = keras.callbacks.History()

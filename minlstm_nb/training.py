@@ -26,10 +26,21 @@ from .blocks import CELLS, ResidualBlock, TransformerBlock, PositionEmbedding, r
 _all_ = ['LanguageModel', 'MODEL_FILE', 'AtomicCheckpoint', 'HistoryLog', 'latest_backup', 'BackupAndRestore']   # defined in model and checkpoints
 
 # %% ../nbs/04_training.ipynb #9c0c0433
-def _block(cell, units, ff_mult, expansion_factor, conv, dropout, heads, last_only, name):
-    "One block of a deep model: GPT's for the Transformer, else the paper's residual block around the recurrent layer."
-    if cell == 'transformer': return TransformerBlock(units, heads, ff_mult, dropout, name=name)
-    return ResidualBlock(units, cell, ff_mult, expansion_factor, conv=conv, dropout=dropout, last_only=last_only, name=name)
+def _check_model(cell, units, depth, blocks, heads, context)->bool:
+    "`build_model`'s choices checked together, each error naming them; whether the model is made of blocks."
+    check_choice('cell', cell, CELLS + ('transformer',))
+    if cell == 'transformer' and not context: raise ValueError('cell="transformer" needs context=: its longest window')
+    if cell == 'transformer' and units % heads: raise ValueError(f'units ({units}) must be a multiple of heads ({heads})')
+    if cell == 'transformer' and blocks is False: raise ValueError('cell="transformer" is made of blocks: blocks=False has no meaning')
+    return depth > 1 or cell == 'transformer' if blocks is None else blocks
+
+def _deep_body(cell, units, depth, ff_mult, expansion_factor, conv, dropout, heads, every_position):
+    "`depth` blocks, GPT's for the Transformer, else the paper's residual block around the recurrent layer; then the final norm."
+    for i in range(depth):
+        name, last_only = f'block_{i}', not every_position and i == depth - 1
+        if cell == 'transformer': yield TransformerBlock(units, heads, ff_mult, dropout, name=name)
+        else: yield ResidualBlock(units, cell, ff_mult, expansion_factor, conv=conv, dropout=dropout, last_only=last_only, name=name)
+    yield (keras.layers.LayerNormalization if cell == 'transformer' else keras.layers.RMSNormalization)(name='final_norm')
 
 # %% ../nbs/04_training.ipynb #9c0c0433s1
 def build_model(vocab_size:int,        # ids the model reads and predicts (the tokenizer's vocab_size)
@@ -52,11 +63,7 @@ def build_model(vocab_size:int,        # ids the model reads and predicts (the t
     "A next-token model: Embedding, one recurrent layer or `depth` blocks (the paper's, or GPT's), and a Dense head giving logits."
     vocab_size, units, embedding_dim, depth = (check_int(n, v) for n, v in
         [('vocab_size', vocab_size), ('units', units), ('embedding_dim', embedding_dim), ('depth', depth)])
-    check_choice('cell', cell, CELLS + ('transformer',)); dropout = check_rate('dropout', dropout)
-    if cell == 'transformer' and not context: raise ValueError('cell="transformer" needs context=: its longest window')
-    if cell == 'transformer' and units % heads: raise ValueError(f'units ({units}) must be a multiple of heads ({heads})')
-    if cell == 'transformer' and blocks is False: raise ValueError('cell="transformer" is made of blocks: blocks=False has no meaning')
-    blocks = depth > 1 or cell == 'transformer' if blocks is None else blocks
+    blocks, dropout = _check_model(cell, units, depth, blocks, heads, context), check_rate('dropout', dropout)
     def layers():                  # in order, each made as it is asked for
         yield keras.Input((None,), dtype='int32', name='ids')     # padding id 0 masked where prompts may be padded
         yield keras.layers.Embedding(vocab_size, embedding_dim, mask_zero=not every_position, name='embedding')
@@ -65,10 +72,7 @@ def build_model(vocab_size:int,        # ids the model reads and predicts (the t
         if not blocks: yield rnn_layer(cell, units, every_position, cell, expansion_factor, mode)
         else:
             if embedding_dim != units: yield keras.layers.Dense(units, name='embedding_to_units')
-            for i in range(depth):
-                yield _block(cell, units, ff_mult, expansion_factor, conv, dropout, heads, not every_position and i == depth - 1,
-                             f'block_{i}')
-            yield keras.layers.LayerNormalization(name='final_norm') if cell == 'transformer' else keras.layers.RMSNormalization(name='final_norm')
+            yield from _deep_body(cell, units, depth, ff_mult, expansion_factor, conv, dropout, heads, every_position)
         yield keras.layers.Dense(vocab_size, name='logits')
     if not every_position: return keras.Sequential(list(layers()), name=name or f'{cell}_lm')
     it = layers(); x = ids = next(it)      # lesson 9's models are functional, each layer called as it is made: the same first

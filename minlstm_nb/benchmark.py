@@ -137,6 +137,23 @@ def _kernel_flags():
     st = kernel_status(build=False)
     return ' '.join(st['flags']) if st['status'] == 'built' else None
 
+# %% ../nbs/06_benchmark.ipynb #fc7c0d96s2h1
+def _time_length(T, batch, units, runs, contenders, status):
+    "Trace every contender's step at length `T`, time them round robin, and summarise each: its median, spread and peak."
+    x = tf.random.normal((batch, T, units), seed=T)
+    steps = {}
+    for j, c in enumerate(contenders):
+        status(f'T={T}: tracing {c} ({j + 1}/{len(contenders)})')
+        steps[c] = _train_step(CONTENDERS[c](units), x, jit_compile=c.endswith('_xla'))
+    peaks = {c: _peak_mb(steps[c], x) for c in contenders}
+    n = {c: 3 if (c.endswith('sequential') or c.startswith('keras')) and T > 1024 else runs for c in contenders}
+    times = {c: [] for c in contenders}
+    for i in range(runs):             # round robin: a burst of load on the shared machine hits every contender alike
+        status(f'T={T}: timing every contender, round {i + 1}/{runs}')
+        for c in contenders:
+            if i < n[c]: times[c].append(_timed(steps[c], x))
+    return {c: _summary(times[c], peaks[c]) for c in contenders}
+
 # %% ../nbs/06_benchmark.ipynb #fc7c0d96s2
 def _run(lengths, batch, units, runs, generation, contenders, log, status):
     res = dict(settings=dict(lengths=list(lengths), batch=batch, units=units, runs=runs),
@@ -147,23 +164,9 @@ def _run(lengths, batch, units, runs, generation, contenders, log, status):
     res['resolution_ms'] = 10*_empty_step_ms()   # a step under ten empty calls' time is mostly the cost of calling it
     t_start = time.perf_counter()
     for T in lengths:
-        x = tf.random.normal((batch, T, units), seed=T)
-        steps = {}
-        for j, c in enumerate(contenders):
-            status(f'T={T}: tracing {c} ({j + 1}/{len(contenders)})')
-            steps[c] = _train_step(CONTENDERS[c](units), x, jit_compile=c.endswith('_xla'))
-        peaks = {c: _peak_mb(steps[c], x) for c in contenders}
-        n = {c: 3 if (c.endswith('sequential') or c.startswith('keras')) and T > 1024 else runs for c in contenders}
-        times = {c: [] for c in contenders}
-        for i in range(runs):             # round robin: a burst of load on the shared machine hits every contender alike
-            status(f'T={T}: timing every contender, round {i + 1}/{runs}')
-            for c in contenders:
-                if i < n[c]: times[c].append(_timed(steps[c], x))
-        for c in contenders:
-            t = _summary(times[c], peaks[c])
+        for c, t in _time_length(T, batch, units, runs, contenders, status).items():   # its steps are gone once it returns
             res['train_step_ms'][c][T], res['spread_ms'][c][T] = t['median_ms'], [t['min_ms'], t['max_ms']]
             res['peak_memory_mb'][c][T] = t['peak_mb']
-        del steps
         if log: log(f'T={T:6}: ' + ', '.join(f'{c} {res["train_step_ms"][c][T]:.1f} ms' for c in contenders) +
                     f'  ({time.perf_counter() - t_start:.0f} s)')
     res['ratios'] = {r: {T: res['train_step_ms'][a][T]/res['train_step_ms'][b][T] for T in lengths}
@@ -272,6 +275,23 @@ def breakdown_line(res:dict)->str:
             f"kernel and loss {b['kernel_and_loss_ms']:.1f} ms (loss {b['loss_ms']:.1f} ms); the kernel's traffic "
             f"needs {b['kernel_traffic_bound_ms']:.1f} ms at {b['bandwidth_gb_s']:.1f} GB/s")
 
+# %% ../nbs/06_benchmark.ipynb #ee702337s1h1
+def _explain_kernel(rebuild, require_kernel):
+    "`--explain`: report this machine's kernel build (after `--rebuild`, a fresh one); exit 1 without one if required."
+    if rebuild:
+        for name in ('gate_scan', 'linear_scan'): forget_kernel(name)
+    st = kernel_status('gate_scan')
+    print_kernel_report(st)
+    if require_kernel and st['status'] != 'built': sys.exit(1)
+
+def _checked_lengths(lengths, batch, units, runs)->list:
+    "The lengths asked for, once every number is checked; a bad one ends the command with its error and status 2."
+    try:
+        Ts = check_ints('--lengths', lengths)
+        for name, v in (('batch', batch), ('units', units), ('runs', runs)): check_int(f'--{name}', v)
+    except ValueError as e: print(f'minlstm_bench: error: {e}', file=sys.stderr); sys.exit(2)
+    return Ts
+
 # %% ../nbs/06_benchmark.ipynb #ee702337s1
 @call_parse
 def minlstm_bench(lengths:str='64,256,512,1024,4096', # comma-separated sequence lengths
@@ -291,17 +311,8 @@ def minlstm_bench(lengths:str='64,256,512,1024,4096', # comma-separated sequence
     if device:   # the console script routes --device before this module (and TensorFlow) is imported; a direct call lands here
         from minlstm_nb.device_bench import minlstm_bench_device
         return minlstm_bench_device.__wrapped__(device=True)
-    if explain or rebuild or require_kernel:
-        if rebuild:
-            for name in ('gate_scan', 'linear_scan'): forget_kernel(name)
-        st = kernel_status('gate_scan')
-        print_kernel_report(st)
-        if require_kernel and st['status'] != 'built': sys.exit(1)
-        return
-    try:
-        Ts = check_ints('--lengths', lengths)
-        for name, v in (('batch', batch), ('units', units), ('runs', runs)): check_int(f'--{name}', v)
-    except ValueError as e: print(f'minlstm_bench: error: {e}', file=sys.stderr); sys.exit(2)
+    if explain or rebuild or require_kernel: _explain_kernel(rebuild, require_kernel); return
+    Ts = _checked_lengths(lengths, batch, units, runs)
     status = StatusLine()
     res = run_benchmark(Ts, batch, units, runs, generation=not no_generation, log=lambda line: (status.clear(), print(line)), status=status)
     status.clear(); print(format_table(res))

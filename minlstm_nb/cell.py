@@ -70,17 +70,20 @@ class _MinCell(keras.layers.Layer):
         "`(log a, log b)` of the recurrence for inputs `x` (any leading shape, features last)."
         raise NotImplementedError
 
-    def call(self, inputs, states, training=None):
-        h_prev = states[0] if isinstance(states, (list, tuple)) else states
-        log_a, log_b = self.log_coefficients(inputs)
-        h = ops.exp(log_a)*ops.cast(h_prev, log_a.dtype) + ops.exp(log_b)
-        h = ops.cast(h, self.compute_dtype)
-        return h, [h]
+# %% ../nbs/03d_layers.ipynb #0b3d2193p1
+@patch
+def call(self:_MinCell, inputs, states, training=None):
+    h_prev = states[0] if isinstance(states, (list, tuple)) else states
+    log_a, log_b = self.log_coefficients(inputs)
+    h = ops.exp(log_a)*ops.cast(h_prev, log_a.dtype) + ops.exp(log_b)
+    h = ops.cast(h, self.compute_dtype)
+    return h, [h]
 
-    def get_config(self):
-        config = {**super().get_config(), 'units': self.units,
-                  **{a: _serialized(a, getattr(self, a)) for a in self.dense_args}}
-        return {**config, 'unit_forget_bias': self.unit_forget_bias} if self.forget else config
+@patch
+def get_config(self:_MinCell):
+    config = {**super(_MinCell, self).get_config(), 'units': self.units,
+              **{a: _serialized(a, getattr(self, a)) for a in self.dense_args}}
+    return {**config, 'unit_forget_bias': self.unit_forget_bias} if self.forget else config
 
 # %% ../nbs/03d_layers.ipynb #0b3d2193s2
 @keras.saving.register_keras_serializable(package='minlstm_nb')
@@ -108,6 +111,22 @@ def _differ(h, c)->bool:
     except Exception: return False     # symbolic or traced (a functional model, tf.function, jit): values unknown
     return h.shape != c.shape or not np.allclose(h, c, rtol=1e-6, atol=1e-6)
 
+# %% ../nbs/03d_layers.ipynb #8dd90bafh1
+def _check_layer_args(mode, backend, expansion_factor, seed):
+    "The layers' own arguments checked, each error naming one (Keras' are checked by Keras, the cell's by the cell)."
+    if mode not in ('parallel', 'sequential'):
+        raise ValueError(f'mode must be "parallel" or "sequential", not {mode!r}')
+    if backend not in BACKENDS:
+        raise ValueError(f'backend must be "kernel", "portable" or None, not {backend!r}')
+    if backend == 'kernel' and keras.backend.backend() != 'tensorflow':   # the kernel is a TensorFlow op
+        raise ValueError(f'backend="kernel" cannot run here: the {keras.backend.backend()} backend runs '
+                         f'the keras.ops path (use None or "portable")')
+    if (isinstance(expansion_factor, bool) or not isinstance(expansion_factor, (int, float))
+            or not expansion_factor >= 1):
+        raise ValueError(f'expansion_factor must be a number >= 1, got {expansion_factor!r}')
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise TypeError(f'seed must be an int or None, not {type(seed).__name__}')
+
 # %% ../nbs/03d_layers.ipynb #8dd90bafs1
 class _MinRNN(keras.layers.Layer):
     "Shared machinery of the minimal RNN layers: projections, then one scan over the whole sequence."
@@ -119,18 +138,7 @@ class _MinRNN(keras.layers.Layer):
         cell_args = {a: kwargs.pop(a) for a in self.cell_class.arguments() if a in kwargs}
         super().__init__(**kwargs)
         self.units = check_int('units', units)
-        if mode not in ('parallel', 'sequential'):
-            raise ValueError(f'mode must be "parallel" or "sequential", not {mode!r}')
-        if backend not in BACKENDS:
-            raise ValueError(f'backend must be "kernel", "portable" or None, not {backend!r}')
-        if backend == 'kernel' and keras.backend.backend() != 'tensorflow':   # the kernel is a TensorFlow op
-            raise ValueError(f'backend="kernel" cannot run here: the {keras.backend.backend()} backend runs '
-                             f'the keras.ops path (use None or "portable")')
-        if (isinstance(expansion_factor, bool) or not isinstance(expansion_factor, (int, float))
-                or not expansion_factor >= 1):
-            raise ValueError(f'expansion_factor must be a number >= 1, got {expansion_factor!r}')
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-            raise TypeError(f'seed must be an int or None, not {type(seed).__name__}')
+        _check_layer_args(mode, backend, expansion_factor, seed)
         self.return_sequences, self.return_state, self.mode = bool(return_sequences), bool(return_state), mode
         self.go_backwards, self.zero_output_for_mask, self.backend = (bool(go_backwards),
                                                                       bool(zero_output_for_mask), backend)

@@ -133,6 +133,28 @@ def _held_out(n, lookback, horizon, validation_split)->int:
         raise ValueError(f'validation_split holds out {n - n_fit} values, fewer than horizon = {horizon}: raise it, or give 0')
     return n_fit
 
+# %% ../nbs/09d_forecast.ipynb #fc000036h1
+def _standardized(x, n_fit, season):
+    "`x` standardised by its training part alone: the z-scores, their mean and spread, and (with `season`) the spread of the change over a season."
+    mean, std = x[:n_fit].mean(), x[:n_fit].std() or 1.0      # the training part's statistics alone
+    scale = (x[season:n_fit] - x[:n_fit - season]).std() or std if season else std
+    return (x - mean) / std, mean, std, scale
+
+def _forecast_model(cell, lookback, horizon, units, layers, conv, season, learning_rate):
+    "A forecaster compiled to learn by mean absolute error with Adam; with `season`, one that starts as the baseline."
+    model = build_forecaster(cell, lookback, horizon, units, layers, conv)
+    if season: (head := model.get_layer('forecast')).set_weights([np.zeros_like(w) for w in head.get_weights()])  # starts at the baseline
+    model.compile(keras.optimizers.Adam(learning_rate), loss='mae')
+    return model
+
+def _train_forecaster(model, pairs, z_fit, val, epochs, patience, verbose):
+    "Train `model` on the windows of `z_fit`, stopping early on `val` if given: its history and the seconds it took."
+    stop = [keras.callbacks.EarlyStopping(patience=patience, restore_best_weights=True)] if val is not None else []
+    start = time.perf_counter()
+    history = model.fit(pairs(z_fit, True), validation_data=val, epochs=epochs, callbacks=stop, verbose=verbose,
+                        shuffle=False).history                        # (the windows come shuffled)
+    return history, round(time.perf_counter() - start, 2)
+
 # %% ../nbs/09d_forecast.ipynb #fc000036
 def fit_forecaster(series,                 # the values to learn from, oldest first (numpy, a list, pandas)
                    lookback:int,           # values each forecast reads
@@ -154,22 +176,15 @@ def fit_forecaster(series,                 # the values to learn from, oldest fi
         units=units, layers=layers, epochs=epochs, batch_size=batch_size, patience=patience).items())
     if season is not None: season_index(lookback, horizon, season)
     n_fit = _held_out(len(x), lookback, horizon, validation_split)
-    mean, std = x[:n_fit].mean(), x[:n_fit].std() or 1.0      # the training part's statistics alone
-    scale = (x[season:n_fit] - x[:n_fit - season]).std() or std if season else std
-    z = (x - mean) / std
+    z, mean, std, scale = _standardized(x, n_fit, season)
     if seed is not None: keras.utils.set_random_seed(seed)
     pairs = lambda s, shuffle: _pairs(forecast_windows(s, lookback, horizon, batch_size, shuffle, seed), lookback, horizon,
                                       season, std / scale)
     val = pairs(z[n_fit - lookback:], False) if n_fit < len(x) else None
-    model = build_forecaster(cell, lookback, horizon, units, layers, conv)
-    if season: (head := model.get_layer('forecast')).set_weights([np.zeros_like(w) for w in head.get_weights()])  # starts at the baseline
-    model.compile(keras.optimizers.Adam(learning_rate), loss='mae')
-    stop = [keras.callbacks.EarlyStopping(patience=patience, restore_best_weights=True)] if val is not None else []
-    start = time.perf_counter()
-    history = model.fit(pairs(z[:n_fit], True), validation_data=val, epochs=epochs, callbacks=stop, verbose=verbose,
-                        shuffle=False).history                        # (the windows come shuffled)
+    model = _forecast_model(cell, lookback, horizon, units, layers, conv, season, learning_rate)
+    history, seconds = _train_forecaster(model, pairs, z[:n_fit], val, epochs, patience, verbose)
     settings = dict(cell=cell, units=units, layers=layers, conv=conv, season=season, epochs=epochs, batch_size=batch_size,
-                    learning_rate=learning_rate, seconds=round(time.perf_counter() - start, 2))
+                    learning_rate=learning_rate, seconds=seconds)
     return Forecaster(model, lookback, horizon, mean, std, settings, history, scale)
 
 # %% ../nbs/09d_forecast.ipynb #fc000047

@@ -72,7 +72,7 @@ def min_rnn_scan(ks,          # pre-activations: [k_f, k_i, k_h] (minLSTM) or [k
     ks = [ops.convert_to_tensor(k) for k in ks]
     h0 = ops.zeros_like(ks[0][:, 0]) if h0 is None else ops.cast(h0, ks[0].dtype)
     if backend != 'portable' and keras.backend.backend() == 'tensorflow':
-        # the accelerator's lesson comes after this one: imported when first needed
+        # the CPU kernels (lesson 3a) bring a compiler and TensorFlow's headers: imported when first needed
         from minlstm_nb import kernels
         # None where it steps aside
         h = kernels.fused_gate_scan(ks, h0, mask, biases, forced=backend == 'kernel')

@@ -92,6 +92,27 @@ def _first_error(out):
     lines = [l.strip() for l in out.splitlines() if l.strip()]
     return next((l for l in lines if 'error' in l.lower()), lines[-1] if lines else '(no output)')[:300]
 
+# %% ../nbs/03a_kernels.ipynb #ec0718e7s1h1
+def _try_rung(cmd):
+    "Run one rung's compile command: whether it built, the compiler's output (or why it did not run), the seconds it took."
+    t0 = time.monotonic()
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        ok, out = r.returncode == 0, (r.stdout + r.stderr).strip()
+    except (OSError, subprocess.SubprocessError) as e: ok, out = False, f'{type(e).__name__}: {e}'
+    return ok, out, round(time.monotonic() - t0, 1)
+
+def _say_outcome(ident, tried, library, missing):
+    "End the build's line on stderr: built (with which flags), no compiler, or every set of flags failed."
+    name, cxx = ident['name'], ident['cxx']
+    if library: print(f' done with {" ".join(tried[-1]["flags"]) or "its default flags"}' +
+                      (f' (after {len(tried) - 1} failed: see minlstm_bench --explain)' if len(tried) > 1 else ''), file=sys.stderr)
+    elif missing: print(f'minlstm_nb: no C++ compiler to build the CPU kernel {name!r} ({cxx} not found); the layers use their '
+                        f'portable path, and later runs do not look again. Install g++ (or set CXX), then: minlstm_bench --rebuild',
+                        file=sys.stderr)
+    else: print(f' failed with all {len(tried)} sets of flags (log: {ident["log"]}); the layers use their portable path, and '
+                f'later runs skip the compiler. Retry: minlstm_bench --rebuild', file=sys.stderr)
+
 # %% ../nbs/03a_kernels.ipynb #ec0718e7s1
 def _compile(ident, source):
     "Try the ladder's rungs in turn; keep the first library that builds; record and log what happened either way."
@@ -105,13 +126,9 @@ def _compile(ident, source):
         src.write_text(source)
         for rung, flags in ident['ladder']:
             cmd = [cxx, *BASE_CXXFLAGS, *flags, str(src), '-o', str(tmp), *ident['tf_flags']]
-            t0 = time.monotonic()
-            try:
-                r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-                ok, out = r.returncode == 0, (r.stdout + r.stderr).strip()
-            except (OSError, subprocess.SubprocessError) as e: ok, out = False, f'{type(e).__name__}: {e}'
-            tried.append(dict(rung=rung, flags=flags, ok=ok, seconds=round(time.monotonic() - t0, 1), error=None if ok else _first_error(out)))
-            log.append(f'$ {shlex.join(cmd)}\n{out}\n-> {"built" if ok else "failed"} in {tried[-1]["seconds"]} s\n')
+            ok, out, seconds = _try_rung(cmd)
+            tried.append(dict(rung=rung, flags=flags, ok=ok, seconds=seconds, error=None if ok else _first_error(out)))
+            log.append(f'$ {shlex.join(cmd)}\n{out}\n-> {"built" if ok else "failed"} in {seconds} s\n')
             if ok:
                 library = f'{name}_{key}_{_short(*flags)[:8]}.so'     # the name holds the flags that worked
                 os.replace(tmp, cache/library); break                  # atomic: nobody ever sees half a library
@@ -123,13 +140,7 @@ def _compile(ident, source):
                log=str(ident['log']), when=time.strftime('%Y-%m-%d %H:%M:%S'))
     with atomic_write(ident['log']) as t: t.write_text('\n'.join(log))
     with atomic_write(ident['record']) as t: t.write_text(json.dumps(rec, indent=1))
-    if library: print(f' done with {" ".join(tried[-1]["flags"]) or "its default flags"}' +
-                      (f' (after {len(tried) - 1} failed: see minlstm_bench --explain)' if len(tried) > 1 else ''), file=sys.stderr)
-    elif missing: print(f'minlstm_nb: no C++ compiler to build the CPU kernel {name!r} ({cxx} not found); the layers use their '
-                        f'portable path, and later runs do not look again. Install g++ (or set CXX), then: minlstm_bench --rebuild',
-                        file=sys.stderr)
-    else: print(f' failed with all {len(tried)} sets of flags (log: {ident["log"]}); the layers use their portable path, and '
-                f'later runs skip the compiler. Retry: minlstm_bench --rebuild', file=sys.stderr)
+    _say_outcome(ident, tried, library, missing)
     return rec
 
 # %% ../nbs/03a_kernels.ipynb #ec0718e7s2

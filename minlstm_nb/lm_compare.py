@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 from .corpus import CharCorpus, training_batch, validation_windows
-from .model import step_function, model_initial_states, sample_next, takes_settings
+from .model import LanguageModel, Settings, step_function, model_initial_states, sample_next, takes_settings
 from .checks import check_int, check_rate, check_positive
 from .blocks import ResidualBlock, TransformerBlock, empty_cache
 from .training import build_model
@@ -247,31 +247,32 @@ def generation_ms(result, positions=(16, 64, 256, 1024, 4096), chars:int=8)->dic
     return out
 
 # %% ../nbs/09_language_model.ipynb #67240636s2
+def _language_model(result, corpus)->LanguageModel:
+    "A recurrent model of `train_lm`'s result as a `LanguageModel`, its settings those it was trained with."
+    r = result
+    return LanguageModel(r['model'], corpus.tokenizer, Settings(cell=r['kind'], level='char', seq_length=r['context'],
+        units=r['width'], embedding_dim=r['width'], depth=r['depth'], expansion_factor=_expansion(r['kind'], r['expansion_factor']),
+        learning_rate=r['learning_rate'], seed=r['seed']))
+
 def generate_text(result, corpus, prompt:str, n:int=200, temperature:float=0.8, seed:int=0)->str:
     "`n` characters sampled after `prompt` from a trained model (`train_lm`'s result), with its state or key/value cache."
-    model, tok, rng = result['model'], corpus.tokenizer, np.random.default_rng(seed)
+    if result['kind'] != 'transformer':     # a recurrent model writes as every LanguageModel does, its state carried
+        return _language_model(result, corpus).generate(prompt, n, temperature, seed, unknown='oov', context='carry')
+    model, tok, rng, out = result['model'], corpus.tokenizer, np.random.default_rng(seed), []
     ids = tok.encode(prompt, unknown='oov')
-    if not ids: raise ValueError('the prompt is empty: give the model at least one character to start from')
-    pick = lambda logits: sample_next(logits, rng, temperature, banned=2 if tok.oov_token else 1)
-    out = []
-    if result['kind'] == 'transformer':
-        T, step = result['context'], transformer_stepper(model)
-        window = ids[-T:]
-        while len(out) < n:                 # fill the cache with the window, write until the context is full, then slide
-            caches = [empty_cache(b, 1) for b in _blocks(model, TransformerBlock)]
-            for i, c in enumerate(window): logits, caches = step(tf.constant([c], tf.int32), tf.constant(i, tf.int32), caches)
-            while len(out) < n:
-                nxt = pick(logits[0]); out.append(nxt); window.append(nxt)
-                if len(window) > T: window = window[-(T // 2):]; break     # keep the last half of the context, refill
-                logits, caches = step(tf.constant([nxt], tf.int32), tf.constant(len(window) - 1, tf.int32), caches)
-    else:
-        step, states = step_function(model), model_initial_states(model)
-        for i in ids[:-1]: _, states = step(tf.constant([i], tf.int32), states)
-        last = ids[-1]
-        for _ in range(n):
-            logits, states = step(tf.constant([last], tf.int32), states); last = pick(logits[0]); out.append(last)
+    if not ids: raise ValueError(f'the prompt {prompt!r} has no known tokens: nothing to predict from')
+    T, step = result['context'], transformer_stepper(model)
+    window = ids[-T:]
+    while len(out) < n:                     # fill the cache with the window, write until the context is full, then slide
+        caches = [empty_cache(b, 1) for b in _blocks(model, TransformerBlock)]
+        for i, c in enumerate(window): logits, caches = step(tf.constant([c], tf.int32), tf.constant(i, tf.int32), caches)
+        while len(out) < n:
+            nxt = sample_next(logits[0], rng, temperature, banned=2 if tok.oov_token else 1); out.append(nxt); window.append(nxt)
+            if len(window) > T: window = window[-(T // 2):]; break     # keep the last half of the context, refill
+            logits, caches = step(tf.constant([nxt], tf.int32), tf.constant(len(window) - 1, tf.int32), caches)
     return tok.decode(out)
 
+# %% ../nbs/09_language_model.ipynb #67240636s3
 def time_to_reach(curve:list, # [(step, seconds, validation loss)], as train_lm records it
                   loss:float, # the loss to reach
                  )->tuple|None: # (step, seconds) of the first validation at or below `loss`; None if none is

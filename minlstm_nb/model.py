@@ -244,10 +244,10 @@ def generate(self:LanguageModel,
         states = model_initial_states(self.model) if states is None else states
         for i in ids: logits, states = self._step(tf.constant([i], tf.int32), states)
         return logits, states
-    rng, out = np.random.default_rng(seed), []
+    rng, out, banned = np.random.default_rng(seed), [], 2 if self.tokenizer.oov_token else 1   # never padding or the unknown token
     logits, states = read(ids)
     for _ in range(n):
-        out.append(sample_next(logits[0], rng, temperature, top_k))
+        out.append(sample_next(logits[0], rng, temperature, top_k, banned))
         logits, states = read(out[-1:], states) if context == 'carry' else read((ids + out)[-self.seq_length:])
     return self.tokenizer.decode(out)
 

@@ -296,13 +296,9 @@ def _interrupted(out, checkpoint_every, resume, backup_dir)->str:
     return 'nothing was saved (with --checkpoint_every N, an interrupted run can be continued)'
 
 
-# %% ../nbs/04_training.ipynb #tr0cmd02s1
-def train_main(file=None, out='minlstm_model', *, checkpoint_every=None, resume=False, keep_checkpoints=None,
-               backup_dir=None, quiet=False, progress='auto', print=print, **settings):
-    "What `minlstm_train` does, callable from Python, with the `Settings` by name. Returns the `LanguageModel`."
-    s = Settings.of(**settings)
-    many = file is not None and (Path(file).is_dir() or any(c in str(file) for c in '*?['))   # a directory or a glob: streamed
-    text = None if many else sample_text() if file is None else read_text(file)
+# %% ../nbs/04_training.ipynb #tr0cmd02h1
+def _check_train_args(out, checkpoint_every, keep_checkpoints, resume, progress)->Path:
+    "`minlstm_train`'s own options checked, each error naming one; the output folder as a `Path`."
     for name, v in (('checkpoint_every', checkpoint_every), ('keep_checkpoints', keep_checkpoints)):
         if v is not None: check_int(name, v)
     if progress not in PROGRESS: raise ValueError(f'progress must be one of {", ".join(PROGRESS)}, not {progress!r}')
@@ -310,12 +306,27 @@ def train_main(file=None, out='minlstm_model', *, checkpoint_every=None, resume=
         raise ValueError('keep_checkpoints needs checkpoints: give checkpoint_every too')
     out = Path(out)
     if out.exists() and not out.is_dir(): raise ValueError(f'output {str(out)!r} exists and is not a directory')
+    return out
+
+def _start_epoch(out, resume, backup_dir, epochs)->tuple:
+    "Where a run continues from, `(epoch, 'checkpoint' or 'backup', where it is said)`: 0 for a new run; past `epochs`, an error."
+    start, kind = 0, 'checkpoint' if resume else 'backup'
+    if resume: start = latest_checkpoint(out/'checkpoints')[0]
+    elif backup_dir is not None and Path(backup_dir).is_dir(): start = latest_backup(backup_dir)[0]
+    where = out/'checkpoints' if resume else backup_dir
+    if start > epochs: raise past_epochs('latest checkpoint' if resume else 'backup', where, start, epochs)
+    return start, kind, f'the {kind} of epoch {start} in {where}'
+
+# %% ../nbs/04_training.ipynb #tr0cmd02s1
+def train_main(file=None, out='minlstm_model', *, checkpoint_every=None, resume=False, keep_checkpoints=None,
+               backup_dir=None, quiet=False, progress='auto', print=print, **settings):
+    "What `minlstm_train` does, callable from Python, with the `Settings` by name. Returns the `LanguageModel`."
+    s = Settings.of(**settings)
+    many = file is not None and (Path(file).is_dir() or any(c in str(file) for c in '*?['))   # a directory or a glob: streamed
+    text = None if many else sample_text() if file is None else read_text(file)
+    out = _check_train_args(out, checkpoint_every, keep_checkpoints, resume, progress)
     with folder_lock(out, _command()):             # one run per folder: a second live one is refused here
-        start, kind = 0, 'checkpoint' if resume else 'backup'    # where the run continues from, if it does
-        if resume: start = latest_checkpoint(out/'checkpoints')[0]
-        elif backup_dir is not None and Path(backup_dir).is_dir(): start = latest_backup(backup_dir)[0]
-        source = f'the {kind} of epoch {start} in {out/"checkpoints" if resume else backup_dir}'
-        if start > s.epochs: raise past_epochs('latest checkpoint' if resume else 'backup', out/'checkpoints' if resume else backup_dir, start, s.epochs)
+        start, kind, source = _start_epoch(out, resume, backup_dir, s.epochs)
         say = (lambda *a, **k: None) if quiet else print
         size = f'{len(text_files(file))} files' if many else f'{len(text):,} characters'
         say(f'training {s.cell} on {"the built-in article" if file is None else file}: {size}, {s.level} level, '

@@ -248,7 +248,7 @@ def generation_ms(result, positions=(16, 64, 256, 1024, 4096), chars:int=8)->dic
 
 # %% ../nbs/09_language_model.ipynb #67240636s2
 def _language_model(result, corpus)->LanguageModel:
-    "A recurrent model of `train_lm`'s result as a `LanguageModel`, its settings those it was trained with."
+    "A recurrent model of `train_lm`'s result as a `LanguageModel`, to write with; its settings, those `Settings` holds (not conv or dropout)."
     r = result
     return LanguageModel(r['model'], corpus.tokenizer, Settings(cell=r['kind'], level='char', seq_length=r['context'],
         units=r['width'], embedding_dim=r['width'], depth=r['depth'], expansion_factor=_expansion(r['kind'], r['expansion_factor']),

@@ -70,21 +70,6 @@ class _MinCell(keras.layers.Layer):
         "`(log a, log b)` of the recurrence for inputs `x` (any leading shape, features last)."
         raise NotImplementedError
 
-# %% ../nbs/03d_layers.ipynb #0b3d2193p1
-@patch
-def call(self:_MinCell, inputs, states, training=None):
-    h_prev = states[0] if isinstance(states, (list, tuple)) else states
-    log_a, log_b = self.log_coefficients(inputs)
-    h = ops.exp(log_a)*ops.cast(h_prev, log_a.dtype) + ops.exp(log_b)
-    h = ops.cast(h, self.compute_dtype)
-    return h, [h]
-
-@patch
-def get_config(self:_MinCell):
-    config = {**super(_MinCell, self).get_config(), 'units': self.units,
-              **{a: _serialized(a, getattr(self, a)) for a in self.dense_args}}
-    return {**config, 'unit_forget_bias': self.unit_forget_bias} if self.forget else config
-
 # %% ../nbs/03d_layers.ipynb #0b3d2193s2
 @keras.saving.register_keras_serializable(package='minlstm_nb')
 class MinGRUCell(_MinCell):
@@ -100,6 +85,21 @@ class MinLSTMCell(_MinCell):
         self.unit_forget_bias = bool(unit_forget_bias)       # read when the projections are made
         super().__init__(units, **kwargs)
     def log_coefficients(self, x): return minlstm_gates(*self.pre_activations(x))
+
+# %% ../nbs/03d_layers.ipynb #0b3d2193p1
+@patch
+def call(self:_MinCell, inputs, states, training=None):
+    h_prev = states[0] if isinstance(states, (list, tuple)) else states
+    log_a, log_b = self.log_coefficients(inputs)
+    h = ops.exp(log_a)*ops.cast(h_prev, log_a.dtype) + ops.exp(log_b)
+    h = ops.cast(h, self.compute_dtype)
+    return h, [h]
+
+@patch
+def get_config(self:_MinCell):
+    config = {**super(_MinCell, self).get_config(), 'units': self.units,
+              **{a: _serialized(a, getattr(self, a)) for a in self.dense_args}}
+    return {**config, 'unit_forget_bias': self.unit_forget_bias} if self.forget else config
 
 # %% ../nbs/03d_layers.ipynb #fu000003
 from .fused import BACKENDS, gate_scan, min_rnn_scan

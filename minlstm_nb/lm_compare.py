@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 from .corpus import CharCorpus, training_batch, validation_windows
-from .model import LanguageModel, Settings, step_function, model_initial_states, sample_next, takes_settings
+from .model import LanguageModel, Settings, step_function, model_initial_states, sample_next, never_drawn, takes_settings
 from .checks import check_int, check_rate, check_positive
 from .blocks import ResidualBlock, TransformerBlock, empty_cache
 from .training import build_model
@@ -267,7 +267,7 @@ def generate_text(result, corpus, prompt:str, n:int=200, temperature:float=0.8, 
         caches = [empty_cache(b, 1) for b in _blocks(model, TransformerBlock)]
         for i, c in enumerate(window): logits, caches = step(tf.constant([c], tf.int32), tf.constant(i, tf.int32), caches)
         while len(out) < n:
-            nxt = sample_next(logits[0], rng, temperature, banned=2 if tok.oov_token else 1); out.append(nxt); window.append(nxt)
+            nxt = sample_next(logits[0], rng, temperature, banned=never_drawn(tok)); out.append(nxt); window.append(nxt)
             if len(window) > T: window = window[-(T // 2):]; break     # keep the last half of the context, refill
             logits, caches = step(tf.constant([nxt], tf.int32), tf.constant(len(window) - 1, tf.int32), caches)
     return tok.decode(out)

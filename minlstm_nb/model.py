@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['MODEL_FILE', 'CONTEXTS', 'Settings', 'takes_settings', 'LanguageModel', 'step_function', 'model_initial_states',
-           'sample_next']
+           'sample_next', 'never_drawn']
 
 # %% ../nbs/05a_model.ipynb #mo000005
 import json, os, shutil, tempfile
@@ -215,6 +215,10 @@ def sample_next(logits,            # one sequence's next-token logits, (vocab_si
     p = np.exp((z - z.max())/temperature); p /= p.sum()
     return int(rng.choice(len(p), p=p))
 
+def never_drawn(tok:Tokenizer)->int:
+    "`sample_next`'s `banned` for `tok`: padding (id 0) is never written, nor the unknown token (id 1) where `tok` has one."
+    return 2 if tok.oov_token else 1
+
 CONTEXTS = ('window', 'carry')   # how generate reads: as a model trained on windows, or on long or stateful text
 
 # %% ../nbs/05a_model.ipynb #006057b0s1
@@ -244,7 +248,7 @@ def generate(self:LanguageModel,
         states = model_initial_states(self.model) if states is None else states
         for i in ids: logits, states = self._step(tf.constant([i], tf.int32), states)
         return logits, states
-    rng, out, banned = np.random.default_rng(seed), [], 2 if self.tokenizer.oov_token else 1   # never padding or the unknown token
+    rng, out, banned = np.random.default_rng(seed), [], never_drawn(self.tokenizer)
     logits, states = read(ids)
     for _ in range(n):
         out.append(sample_next(logits[0], rng, temperature, top_k, banned))

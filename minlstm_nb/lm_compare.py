@@ -43,7 +43,7 @@ def build_lm(kind:str,         # "minlstm", "mingru", "lstm", "gru" or "transfor
     if kind == 'transformer' and width % heads:
         raise ValueError(f'width ({width}) must be a multiple of heads ({heads})')
     return build_model(vocab_size, kind, width, width, depth, _expansion(kind, expansion_factor), ff_mult, every_position=True,
-                       blocks=True, conv=conv, dropout=dropout, heads=heads, context=context)
+                       blocks=True, conv=conv*(kind != 'transformer'), dropout=dropout, heads=heads, context=context)
 
 # %% ../nbs/09_language_model.ipynb #4a8ab607
 def lm_params(kind, vocab_size, context, width, depth=3, ff_mult=4, conv=4, expansion_factor=2)->int:
@@ -248,11 +248,11 @@ def generation_ms(result, positions=(16, 64, 256, 1024, 4096), chars:int=8)->dic
 
 # %% ../nbs/09_language_model.ipynb #67240636s2
 def _language_model(result, corpus)->LanguageModel:
-    "A recurrent model of `train_lm`'s result as a `LanguageModel`, to write with; its settings, those `Settings` holds (not conv or dropout)."
+    "A recurrent model of `train_lm`'s result as a `LanguageModel`, to write with; with the `Settings` that describe it."
     r = result
     return LanguageModel(r['model'], corpus.tokenizer, Settings(cell=r['kind'], level='char', seq_length=r['context'],
         units=r['width'], embedding_dim=r['width'], depth=r['depth'], expansion_factor=_expansion(r['kind'], r['expansion_factor']),
-        learning_rate=r['learning_rate'], seed=r['seed']))
+        conv=r['conv'], dropout=r['dropout'], learning_rate=r['learning_rate'], seed=r['seed']))
 
 def generate_text(result, corpus, prompt:str, n:int=200, temperature:float=0.8, seed:int=0)->str:
     "`n` characters sampled after `prompt` from a trained model (`train_lm`'s result), with its state or key/value cache."

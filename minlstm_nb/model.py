@@ -34,6 +34,8 @@ class Settings:
     embedding_dim:int=8         # embedding size
     depth:int=1                 # > 1: the paper's residual blocks
     expansion_factor:float=1    # min-RNN state width relative to units
+    conv:int=0                  # depth > 1: causal convolution width in each block (0: none)
+    dropout:float=0.0           # while training: after the embedding and in every block
     batch_size:int=None         # windows per batch (None: all, up to 1024)
     learning_rate:float=0.01    # Adam's learning rate
     validation_split:float=0.0  # share of the text, from its end, held out for validation
@@ -43,7 +45,8 @@ class Settings:
         check_choice('cell', self.cell, CELLS); check_choice('level', self.level, ('word', 'char'))
         check_int('seq_length', self.seq_length); check_int('epochs', self.epochs)
         if self.batch_size is not None: check_int('batch_size', self.batch_size)
-        check_rate('validation_split', self.validation_split)
+        check_rate('validation_split', self.validation_split); check_rate('dropout', self.dropout)
+        check_int('conv', self.conv, 0)
         check_positive('learning_rate', self.learning_rate)
         self.seed = 0 if self.seed is None else check_int('seed', self.seed, 0)
 

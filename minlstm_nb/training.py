@@ -26,13 +26,17 @@ from .blocks import CELLS, ResidualBlock, TransformerBlock, PositionEmbedding, r
 _all_ = ['LanguageModel', 'MODEL_FILE', 'AtomicCheckpoint', 'HistoryLog', 'latest_backup', 'BackupAndRestore']   # defined in model and checkpoints
 
 # %% ../nbs/04_training.ipynb #9c0c0433
-def _check_model(cell, units, depth, blocks, heads, context)->bool:
+def _check_model(cell, units, depth, blocks, heads, context, conv)->bool:
     "`build_model`'s choices checked together, each error naming them; whether the model is made of blocks."
     check_choice('cell', cell, CELLS + ('transformer',))
     if cell == 'transformer' and not context: raise ValueError('cell="transformer" needs context=: its longest window')
     if cell == 'transformer' and units % heads: raise ValueError(f'units ({units}) must be a multiple of heads ({heads})')
     if cell == 'transformer' and blocks is False: raise ValueError('cell="transformer" is made of blocks: blocks=False has no meaning')
-    return depth > 1 or cell == 'transformer' if blocks is None else blocks
+    blocks = depth > 1 or cell == 'transformer' if blocks is None else blocks
+    if check_int('conv', conv, 0) and (cell == 'transformer' or not blocks):
+        raise ValueError(f'conv={conv} is a causal convolution in the recurrent blocks: '
+                         + ('a Transformer has none' if cell == 'transformer' else 'give depth > 1'))
+    return blocks
 
 def _deep_body(cell, units, depth, ff_mult, expansion_factor, conv, dropout, heads, every_position):
     "`depth` blocks, GPT's for the Transformer, else the paper's residual block around the recurrent layer; then the final norm."
@@ -63,7 +67,7 @@ def build_model(vocab_size:int,        # ids the model reads and predicts (the t
     "A next-token model: Embedding, one recurrent layer or `depth` blocks (the paper's, or GPT's), and a Dense head giving logits."
     vocab_size, units, embedding_dim, depth = (check_int(n, v) for n, v in
         [('vocab_size', vocab_size), ('units', units), ('embedding_dim', embedding_dim), ('depth', depth)])
-    blocks, dropout = _check_model(cell, units, depth, blocks, heads, context), check_rate('dropout', dropout)
+    blocks, dropout = _check_model(cell, units, depth, blocks, heads, context, conv), check_rate('dropout', dropout)
     def layers():                  # in order, each made as it is asked for
         yield keras.Input((None,), dtype='int32', name='ids')     # padding id 0 masked where prompts may be padded
         yield keras.layers.Embedding(vocab_size, embedding_dim, mask_zero=not every_position, name='embedding')
@@ -187,7 +191,8 @@ def fit_language_model(text:str|None=None,       # the training text (or give fi
     _check_fit_args(**locals())                           # every argument, by name, before anything is built
     tokenizer, data, steps, val, s = _training_data(text, files, tokenizer, s, max_tokens, errors, shuffle_buffer)
     strategy = strategy or tf.distribute.get_strategy()
-    fresh = lambda: build_model(tokenizer.vocab_size, s.cell, s.units, s.embedding_dim, s.depth, s.expansion_factor)
+    fresh = lambda: build_model(tokenizer.vocab_size, s.cell, s.units, s.embedding_dim, s.depth, s.expansion_factor,
+                                conv=s.conv, dropout=s.dropout)
     run = RunFiles()
     if checkpoint_dir is not None:
         run = from_checkpoints(checkpoint_dir, resume, s, tokenizer, checkpoint_every or max(1, s.epochs // 10),

@@ -142,6 +142,10 @@ def _backup_dir(backup_dir, strategy)->Path:
     return bdir/f'worker-{strategy.cluster_resolver.task_id}' if multi_worker(strategy) else bdir
 
 # %% ../nbs/04_training.ipynb #tr000001s1
+def _model_of(s, vocab_size:int)->keras.Model:
+    "A fresh model of the settings `s`: its cell, widths and depth, and its blocks' convolution and dropout."
+    return build_model(vocab_size, s.cell, s.units, s.embedding_dim, s.depth, s.expansion_factor, conv=s.conv, dropout=s.dropout)
+
 def _new_model(fresh, learning_rate, strategy, backup=None):
     "A new compiled model under `strategy`, with `backup`'s weights and optimizer state (a bad backup stops us here, before training)."
     with strategy.scope():
@@ -191,8 +195,7 @@ def fit_language_model(text:str|None=None,       # the training text (or give fi
     _check_fit_args(**locals())                           # every argument, by name, before anything is built
     tokenizer, data, steps, val, s = _training_data(text, files, tokenizer, s, max_tokens, errors, shuffle_buffer)
     strategy = strategy or tf.distribute.get_strategy()
-    fresh = lambda: build_model(tokenizer.vocab_size, s.cell, s.units, s.embedding_dim, s.depth, s.expansion_factor,
-                                conv=s.conv, dropout=s.dropout)
+    fresh = lambda: _model_of(s, tokenizer.vocab_size)
     run = RunFiles()
     if checkpoint_dir is not None:
         run = from_checkpoints(checkpoint_dir, resume, s, tokenizer, checkpoint_every or max(1, s.epochs // 10),

@@ -363,7 +363,7 @@ def minlstm_train(file:str=None,               # a UTF-8 text file, or a directo
                   checkpoint_every:int=None,   # write OUT/checkpoints/epoch-NNNN.keras every this many epochs
                   resume:store_true=False,      # continue from the latest checkpoint in OUT/checkpoints
                   quiet:store_true=False,       # print only the final line
-                  progress:str='auto',         # auto, bar, line or none: a line per epoch, Keras' bar inside long epochs
+                  progress:str='auto',         # auto: a line every tenth of the run; line: every epoch; bar: Keras' bar too; none
                   backup_dir:str=None,         # back up every epoch here; run the same command again to resume after a crash
                   keep_checkpoints:int=None,   # keep only the newest N checkpoints (default: all)
                   verbose:store_true=False, # show TensorFlow's own log lines on stderr (also: MINLSTM_NB_VERBOSE=1)

@@ -56,12 +56,13 @@ class ResidualBlock(keras.layers.Layer):
     def __init__(self, units, cell='minlstm', ff_mult=4, expansion_factor=1, last_only=False, conv:int=0,
                  dropout:float=0.0, **kwargs):
         super().__init__(**kwargs)
-        self.units, self.cell, self.ff_mult, self.expansion_factor, self.last_only = units, cell, ff_mult, expansion_factor, last_only
-        self.conv, self.dropout = check_int('conv', conv, 0), check_rate('dropout', dropout)
+        self.units, self.cell, self.ff_mult, self.expansion_factor = units, cell, ff_mult, expansion_factor
+        self.last_only, self.conv, self.dropout = last_only, check_int('conv', conv, 0), check_rate('dropout', dropout)
+        norm = keras.layers.RMSNormalization
         if self.conv:
-            self.norm_conv, self.conv_layer = keras.layers.RMSNormalization(name='norm_conv'), CausalConv(self.conv, name='conv')
+            self.norm_conv, self.conv_layer = norm(name='norm_conv'), CausalConv(self.conv, name='conv')
             self.norm_conv.supports_masking = True
-        self.norm_rnn, self.norm_mlp = keras.layers.RMSNormalization(name='norm_rnn'), keras.layers.RMSNormalization(name='norm_mlp')
+        self.norm_rnn, self.norm_mlp = norm(name='norm_rnn'), norm(name='norm_mlp')
         self.norm_rnn.supports_masking = True          # per-step normalisation: a mask passes through unchanged
         self.rnn = rnn_layer(cell, units, not last_only, 'rnn', expansion_factor)
         self.mlp_in = keras.layers.Dense(ff_mult*units, activation='gelu', name='mlp_in')
@@ -69,27 +70,38 @@ class ResidualBlock(keras.layers.Layer):
         self.drop = keras.layers.Dropout(self.dropout, name='drop') if self.dropout else None
         self.supports_masking = True
 
-    def build(self, input_shape):
-        if self.conv: self.norm_conv.build(input_shape); self.conv_layer.build(input_shape)
-        self.norm_rnn.build(input_shape); self.rnn.build(input_shape)
-        last = tuple(input_shape[:1]) + tuple(input_shape[2:])
-        self.norm_mlp.build(last); self.mlp_in.build(last); self.mlp_out.build(last[:-1] + (self.ff_mult*self.units,))
-        self.built = True
+# %% ../nbs/03b_blocks.ipynb #934787fbp0
+@patch
+def call(self:ResidualBlock, x, mask=None, training=None):
+    "`x` `(batch, time, units)` through the branches in turn; `(batch, units)`, the last step, with `last_only`."
+    if self.conv: x = x + self._drop(self.conv_layer(self.norm_conv(x), mask=mask), training)
+    h = self.rnn(self.norm_rnn(x), mask=mask)
+    return self._mlp((x[:, -1] if self.last_only else x) + self._drop(h, training), training)
 
-    def _drop(self, h, training): return self.drop(h, training=training) if self.drop is not None else h
-    def _mlp(self, x, training=None): return x + self._drop(self.mlp_out(self.mlp_in(self.norm_mlp(x))), training)
+@patch
+def _mlp(self:ResidualBlock, x, training=None): return x + self._drop(self.mlp_out(self.mlp_in(self.norm_mlp(x))), training)
 
-    def call(self, x, mask=None, training=None):
-        if self.conv: x = x + self._drop(self.conv_layer(self.norm_conv(x), mask=mask), training)
-        h = self.rnn(self.norm_rnn(x), mask=mask)
-        return self._mlp((x[:, -1] if self.last_only else x) + self._drop(h, training), training)
+@patch
+def _drop(self:ResidualBlock, h, training): return self.drop(h, training=training) if self.drop is not None else h
 
-    def compute_mask(self, x, mask=None): return None if self.last_only else mask
-    def compute_output_shape(self, s): return (s[0], s[2]) if self.last_only else s
-    def get_config(self):
-        return {**super().get_config(), 'units': self.units, 'cell': self.cell, 'ff_mult': self.ff_mult,
-                'expansion_factor': self.expansion_factor, 'last_only': self.last_only, 'conv': self.conv,
-                'dropout': self.dropout}
+# %% ../nbs/03b_blocks.ipynb #934787fbp00
+@patch
+def build(self:ResidualBlock, input_shape):
+    if self.conv: self.norm_conv.build(input_shape); self.conv_layer.build(input_shape)
+    self.norm_rnn.build(input_shape); self.rnn.build(input_shape)
+    last = tuple(input_shape[:1]) + tuple(input_shape[2:])
+    self.norm_mlp.build(last); self.mlp_in.build(last); self.mlp_out.build(last[:-1] + (self.ff_mult*self.units,))
+    self.built = True
+
+@patch
+def compute_mask(self:ResidualBlock, x, mask=None): return None if self.last_only else mask
+@patch
+def compute_output_shape(self:ResidualBlock, s): return (s[0], s[2]) if self.last_only else s
+@patch
+def get_config(self:ResidualBlock):
+    return {**super(ResidualBlock, self).get_config(), 'units': self.units, 'cell': self.cell, 'ff_mult': self.ff_mult,
+            'expansion_factor': self.expansion_factor, 'last_only': self.last_only, 'conv': self.conv,
+            'dropout': self.dropout}
 
 # %% ../nbs/03b_blocks.ipynb #55db6e10
 def initial_states(layer,       # a recurrent layer of the model (MinGRU, MinLSTM, LSTM, GRU) or a ResidualBlock

@@ -43,7 +43,7 @@ def build_lm(kind:str,         # "minlstm", "mingru", "lstm", "gru" or "transfor
     if kind == 'transformer' and width % heads:
         raise ValueError(f'width ({width}) must be a multiple of heads ({heads})')
     return build_model(vocab_size, kind, width, width, depth, _expansion(kind, expansion_factor), ff_mult, every_position=True,
-                       blocks=True, conv=conv*(kind != 'transformer'), dropout=dropout, heads=heads, context=context)
+                       blocks=True, conv=0 if kind == 'transformer' else conv, dropout=dropout, heads=heads, context=context)
 
 # %% ../nbs/09_language_model.ipynb #4a8ab607
 def lm_params(kind, vocab_size, context, width, depth=3, ff_mult=4, conv=4, expansion_factor=2)->int:
